@@ -1,0 +1,1 @@
+"""Registered methods, one module each, grouped by family: distillation/, caching/, pruning/, decoding/."""

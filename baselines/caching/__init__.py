@@ -1,0 +1,1 @@
+"""The caching family of methods."""

@@ -1,0 +1,1 @@
+"""The decoding family of methods."""

@@ -1,0 +1,1 @@
+"""The pruning family of methods."""

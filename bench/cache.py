@@ -1,0 +1,140 @@
+"""The cache of reference work: trained weights (safetensors) and evaluations (JSON), under `BENCH_CACHE`.
+
+Every entry is written atomically and carries a sha256 in a sidecar; a read that finds a missing, truncated
+or altered entry reports a miss (and the caller rebuilds), never crashes and never unpickles anything.
+A file lock per entry makes concurrent runs build a shared entry once: the second waits, then reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from filelock import FileLock
+
+from bench.store import atomic_write_text
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bench")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def entry_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=3600):
+        yield
+
+
+# --- weights -----------------------------------------------------------------------------------------------
+
+def save_weights(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> str:
+    """Save `tensors` as safetensors atomically with a `.sha256` sidecar; return the sha256."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    digest = sha256_bytes(blob)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
+    return digest
+
+
+def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict, str] | None:
+    """(tensors, sha256) if `path` exists and matches its sidecar (or `expected_sha256`); else None."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if not path.is_file():
+        return None
+    expected = expected_sha256
+    if expected is None:
+        side = path.with_name(path.name + ".sha256")
+        if not side.is_file():
+            return None
+        expected = side.read_text().strip()
+    blob = path.read_bytes()
+    digest = sha256_bytes(blob)
+    if digest != expected:
+        return None
+    try:
+        return load(blob), digest
+    except (SafetensorError, ValueError, RuntimeError):
+        return None
+
+
+def cached_weights(path: Path, build: Callable[[], dict], metadata: dict[str, str] | None = None
+                   ) -> tuple[dict, str, bool]:
+    """(tensors, sha256, built_now): load `path`, or build, save and return it under the entry's lock."""
+    hit = load_weights(path)
+    if hit is not None:
+        return hit[0], hit[1], False
+    with entry_lock(path):
+        hit = load_weights(path)  # another process may have built it while we waited
+        if hit is not None:
+            return hit[0], hit[1], False
+        tensors = build()
+        digest = save_weights(path, tensors, metadata)
+        return tensors, digest, True
+
+
+# --- JSON (evaluations) ------------------------------------------------------------------------------------
+
+def _wrap(payload: Any) -> str:
+    body = json.dumps(payload, sort_keys=True)
+    return json.dumps({"sha256": sha256_bytes(body.encode()), "payload": payload}, sort_keys=True) + "\n"
+
+
+def load_json(path: Path) -> Any | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        body = json.dumps(doc["payload"], sort_keys=True)
+        if sha256_bytes(body.encode()) != doc["sha256"]:
+            return None
+        return doc["payload"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cached_json(path: Path, build: Callable[[], Any]) -> tuple[Any, bool]:
+    """(payload, built_now) for a JSON-serialisable value cached at `path`."""
+    hit = load_json(path)
+    if hit is not None:
+        return hit, False
+    with entry_lock(path):
+        hit = load_json(path)
+        if hit is not None:
+            return hit, False
+        payload = build()
+        atomic_write_text(path, _wrap(payload))
+        return json.loads(json.dumps(payload)), True
+
+
+def key(*parts: Any) -> str:
+    """A short stable hash of `parts` for cache file names."""
+    return sha256_bytes(json.dumps(parts, sort_keys=True, default=str).encode())[:16]

@@ -1,0 +1,69 @@
+"""Hardware profiles: fixed device, dtype, threads, batch sizes and timing rules, stored as TOML data files here.
+
+A profile is data, not code, so a maintainer adds a card by adding a file. `load_profile` validates it with
+pydantic; `detect_machine` reads what the machine really has, and `match_profile` says where the two differ.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from importlib import resources
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bench.registry import MODALITIES, RegistryError
+
+
+class TimingRules(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    warmup: int = Field(ge=0)
+    min_time_s: float = Field(gt=0)
+    min_repeats: int = Field(ge=3)
+    max_repeats: int = Field(ge=3)
+
+
+class Expectation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cuda: bool
+    min_cpus: int = 1
+    gpu_name_contains: str | None = None
+    min_gpu_memory_gb: float | None = None
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    description: str
+    device: Literal["cpu", "cuda"]
+    dtype: Literal["float32", "bfloat16", "float16"]
+    threads: int = Field(ge=1)
+    batch_size: dict[str, int]
+    timing: TimingRules
+    expect: Expectation
+
+    def batch_for(self, modality: str) -> int:
+        if modality not in self.batch_size:
+            raise RegistryError(f"profile {self.name!r} sets no batch size for modality {modality!r}; "
+                                f"it has {', '.join(self.batch_size)}")
+        return self.batch_size[modality]
+
+
+def profile_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(__package__).iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name: str) -> Profile:
+    names = profile_names()
+    if name not in names:
+        near = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(map(repr, near))}?" if near else ""
+        raise RegistryError(f"unknown profile {name!r}.{hint} Valid profiles: {', '.join(names)} "
+                            f"(`bench list profiles`).")
+    data = tomllib.loads(resources.files(__package__).joinpath(f"{name}.toml").read_text())
+    profile = Profile.model_validate(data)
+    bad = sorted(set(profile.batch_size) - set(MODALITIES))
+    if bad:
+        raise RegistryError(f"profile {name!r}: unknown modality {bad}; valid: {', '.join(MODALITIES)}")
+    return profile

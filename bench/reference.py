@@ -1,0 +1,39 @@
+"""`bench reference build TASK`: train an embedded task's reference from scratch, deterministically.
+
+The trained weights go to the cache (replacing any cached build); with `--publish` they are also written to
+`tasks/artifacts/<task>/reference.safetensors`, the artifact every result is measured against. Publishing a
+new reference changes results: record its sha256 as the task's `reference_sha256` and bump the task version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import cache
+from bench.registry import RegistryError, get_task_spec
+from tasks.base import ARTIFACTS, RunContext
+
+
+def build_reference(task_name: str, publish: bool = False, console=None) -> tuple[str, Path, bool]:
+    from bench.profiles import load_profile
+    from bench.progress import Reporter, RichReporter
+    from bench.runner import _setup_torch
+
+    spec = get_task_spec(task_name)
+    if spec.tier != "embedded":
+        raise RegistryError(f"task {task_name!r} is a {spec.tier} task; `bench reference build` trains only "
+                            f"embedded tasks' references")
+    profile = load_profile("cpu")
+    _setup_torch(profile, 0)
+    reporter = RichReporter(console) if console is not None else Reporter()
+    ctx = RunContext(profile=profile, seed=0, progress=reporter, batch_size=profile.batch_for(spec.modality))
+    task = spec.cls()
+    task.load(ctx)
+    state = task.train_reference(ctx)
+    path = cache.cache_dir() / "tasks" / spec.name / f"v{spec.version}" / "reference.safetensors"
+    meta = {"task": spec.name, "version": spec.version}
+    digest = cache.save_weights(path, state, meta)
+    if publish:
+        path = ARTIFACTS / spec.name / "reference.safetensors"
+        cache.save_weights(path, state, meta)
+    return digest, path, digest == spec.cls.reference_sha256

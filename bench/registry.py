@@ -1,0 +1,184 @@
+"""Registries of tasks and methods, in the manner of timm's `register_model` + `create_model`.
+
+A task or method module registers a class with a decorator at import time. Registration is import-light:
+the modules under `tasks/` and `baselines/` keep torch, torchvision and every dataset out of module scope
+(heavy code is imported inside the functions that need it), so `bench list` discovers every entry in a
+fraction of a second. `tests/test_registry.py` enforces this in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+FAMILIES = ("distillation", "caching", "pruning", "decoding", "none")
+MODALITIES = ("image-classification", "causal-lm", "text-classification", "image-generation")
+TIERS = ("embedded", "full")
+
+T = TypeVar("T")
+
+
+class RegistryError(LookupError):
+    """A name that is not registered, or a method that cannot run on a task."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What `bench list methods` shows, known without importing the method's heavy code."""
+
+    name: str
+    family: str
+    paper: str  # the paper's short citation, e.g. "Hinton et al., Distilling the Knowledge in a Neural Network"
+    year: int | None
+    modalities: tuple[str, ...]
+    summary: str  # what it does, in one line
+    url: str = ""
+    version: str = "1"  # bump when the method's behaviour changes, so old results are not compared as equal
+    cls: type = field(default=object, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    modality: str
+    tier: str  # "embedded" runs offline on a CPU; "full" needs downloads and usually a GPU profile
+    metric: str
+    higher_is_better: bool
+    summary: str
+    version: str = "1"
+    cls: type = field(default=object, compare=False, repr=False)
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, packages: tuple[str, ...]):
+        self.kind = kind
+        self._packages = packages
+        self._entries: dict[str, T] = {}
+        self._discovered = False
+
+    def add(self, name: str, spec: T) -> None:
+        if name in self._entries and getattr(self._entries[name], "cls", None) is not getattr(spec, "cls", None):
+            raise RegistryError(f"{self.kind} {name!r} is registered twice; names must be unique")
+        self._entries[name] = spec
+
+    def discover(self) -> None:
+        """Import every module under the registry's packages so their decorators run (cheap by contract)."""
+        if self._discovered:
+            return
+        self._discovered = True
+        for pkg_name in self._packages:
+            pkg = importlib.import_module(pkg_name)
+            for mod in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + "."):
+                last = mod.name.rsplit(".", 1)[-1]
+                if not last.startswith("_"):
+                    importlib.import_module(mod.name)
+
+    def names(self) -> list[str]:
+        self.discover()
+        return sorted(self._entries)
+
+    def __iter__(self) -> Iterator[T]:
+        self.discover()
+        return iter(self._entries[n] for n in sorted(self._entries))
+
+    def get(self, name: str) -> T:
+        self.discover()
+        if name in self._entries:
+            return self._entries[name]
+        near = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        raise RegistryError(
+            f"unknown {self.kind} {name!r}.{hint} Run `bench list {self.kind}s` to see all "
+            f"{len(self._entries)} of them."
+        )
+
+
+TASKS: Registry[TaskSpec] = Registry("task", ("tasks",))
+METHODS: Registry[MethodSpec] = Registry("method", ("baselines",))
+
+
+def _check_choice(value: str, valid: tuple[str, ...], what: str, owner: str) -> None:
+    if value not in valid:
+        raise RegistryError(f"{owner}: {what} {value!r} is not one of {', '.join(valid)}")
+
+
+def register_method(
+    name: str,
+    *,
+    family: str,
+    paper: str,
+    year: int | None,
+    modalities: tuple[str, ...],
+    summary: str,
+    url: str = "",
+    version: str = "1",
+) -> Callable[[type], type]:
+    """Class decorator: `@register_method("kd", family="distillation", ...)` on a `Method` subclass."""
+    _check_choice(family, FAMILIES, "family", f"method {name!r}")
+    for m in modalities:
+        _check_choice(m, MODALITIES, "modality", f"method {name!r}")
+
+    def deco(cls: type) -> type:
+        spec = MethodSpec(name, family, paper, year, tuple(modalities), summary, url, version, cls)
+        METHODS.add(name, spec)
+        cls.spec = spec
+        return cls
+
+    return deco
+
+
+def register_task(
+    name: str,
+    *,
+    modality: str,
+    tier: str,
+    metric: str,
+    higher_is_better: bool,
+    summary: str,
+    version: str = "1",
+) -> Callable[[type], type]:
+    """Class decorator: `@register_task("digits", modality="image-classification", ...)` on a `Task`."""
+    _check_choice(modality, MODALITIES, "modality", f"task {name!r}")
+    _check_choice(tier, TIERS, "tier", f"task {name!r}")
+
+    def deco(cls: type) -> type:
+        spec = TaskSpec(name, modality, tier, metric, higher_is_better, summary, version, cls)
+        TASKS.add(name, spec)
+        cls.spec = spec
+        return cls
+
+    return deco
+
+
+def get_task_spec(name: str) -> TaskSpec:
+    return TASKS.get(name)
+
+
+def get_method_spec(name: str) -> MethodSpec:
+    return METHODS.get(name)
+
+
+def check_supports(method: MethodSpec, task: TaskSpec) -> None:
+    if task.modality not in method.modalities:
+        raise RegistryError(
+            f"method {method.name!r} does not support task {task.name!r}: the task's modality is "
+            f"{task.modality!r}, and {method.name!r} supports {', '.join(method.modalities)}. "
+            f"Run `bench list methods` to see which methods run on which modality."
+        )
+
+
+def create_task(name: str, **kwargs: Any):
+    """Instantiate a registered task by name (the factory; `TaskSpec.cls` holds the class)."""
+    return get_task_spec(name).cls(**kwargs)
+
+
+def create_method(name: str, overrides: dict[str, str] | None = None):
+    """Instantiate a registered method by name with `--set key=value` overrides applied to its config."""
+    from bench.config import apply_overrides
+
+    spec = get_method_spec(name)
+    config = apply_overrides(spec.cls.Config(), overrides or {}, owner=f"method {name!r}")
+    return spec.cls(config)

@@ -1,0 +1,253 @@
+"""The result record, `bench.result/1`: one JSON file per run, validated by these pydantic models.
+
+`bench/schema/result-1.schema.json` is exported from `Result` (`bench schema --write`) and a test keeps the
+two in sync, so tools outside Python can validate results too. Invariants that a JSON Schema cannot state
+(the delta equals value minus reference, a point estimate lies inside its interval, the file lives at the
+path its fields name) are checked by `invariant_errors`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA = "bench.result/1"
+SCHEMA_FILE = Path(__file__).parent / "schema" / "result-1.schema.json"
+_NAME = r"^[a-z0-9][a-z0-9._-]*$"  # task, method and profile names: also path components, so no '/' or '..'
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Machine(_M):
+    cpu_model: str
+    cpu_count: int
+    arch: str
+    os: str
+    cuda_available: bool
+    gpu_name: str | None = None
+    gpu_memory_gb: float | None = None
+    gpu_count: int = 0
+    driver: str | None = None
+    cuda_version: str | None = None
+    torch: str
+    torch_threads: int
+
+
+class TaskInfo(_M):
+    name: str = Field(pattern=_NAME)
+    version: str
+    tier: Literal["embedded", "full"]
+    modality: str
+    data_fingerprint: str = Field(description="sha256 of the task's evaluation data as loaded")
+    reference_sha256: str = Field(description="sha256 of the reference weights the run was measured against")
+    reference_canonical: bool = Field(description="True when those weights are the task's published artifact")
+
+
+class MethodInfo(_M):
+    name: str = Field(pattern=_NAME)
+    family: Literal["distillation", "caching", "pruning", "decoding", "none"]
+    version: str
+    hyperparameters: dict[str, Any]
+    paper: str
+    year: int | None = None
+    url: str = ""
+
+
+class ProfileInfo(_M):
+    name: str = Field(pattern=_NAME)
+    device: str
+    dtype: str
+    threads: int
+    batch_size: int
+    detected: Machine
+    matched: bool
+    mismatches: list[str] = []
+
+
+class Interval(_M):
+    low: float
+    high: float
+    level: float = 0.95
+    method: str = "percentile bootstrap"
+
+
+class Quality(_M):
+    metric: str
+    higher_is_better: bool
+    value: float
+    reference_value: float
+    delta: float = Field(description="value - reference_value, in the metric's units")
+    interval: Interval | None = Field(None, description="interval of `value` over the evaluation examples")
+    delta_interval: Interval | None = Field(None, description="paired interval of the delta")
+    n: int = Field(ge=1, description="evaluation examples")
+
+
+class Fidelity(_M):
+    metric: str = Field(description="e.g. top1_agreement: share of inputs where method and reference agree")
+    value: float
+
+
+class Control(_M):
+    """A comparison the method's paper implies, e.g. the same student trained without the teacher."""
+    name: str
+    description: str
+    value: float
+    interval: Interval | None = None
+    cost_seconds: float | None = None
+
+
+class ArmTiming(_M):
+    median_s: float = Field(gt=0)
+    iqr_s: float = Field(ge=0)
+    n: int = Field(ge=1)
+
+
+class Speed(_M):
+    unit: str = Field(description="what one timed call does, e.g. 'seconds per pass over 449 images'")
+    items_per_call: int
+    reference: ArmTiming
+    method: ArmTiming
+    speedup: float = Field(gt=0, description="median over pairs of t_reference / t_method; > 1 is faster")
+    interval: Interval
+    order: str = "interleaved, alternating ABBA"
+    synchronized: bool = Field(description="CUDA synchronised around every timed region")
+
+
+class Memory(_M):
+    measure: str = Field(description="how peak memory was measured")
+    reference_peak_bytes: int = Field(ge=0)
+    method_peak_bytes: int = Field(ge=0)
+
+
+class SizeOf(_M):
+    parameters: int = Field(ge=0)
+    nonzero_parameters: int = Field(ge=0)
+    bytes: int = Field(ge=0, description="size of the safetensors serialization of the state dict")
+
+
+class Size(_M):
+    reference: SizeOf
+    method: SizeOf
+    sparsity: float = Field(ge=0, le=1, description="share of zero weights in the method's model")
+    runtime_exploits_sparsity: bool = Field(description="whether the timed runtime skips the zeros")
+
+
+class Compute(_M):
+    unit: Literal["MACs", "NFE"]
+    reference: float = Field(ge=0)
+    method: float = Field(ge=0)
+
+
+class Cost(_M):
+    seconds: float = Field(ge=0, description="wall time of the method's own training or calibration")
+    steps: int = Field(ge=0)
+    samples_seen: int = Field(ge=0)
+    description: str = ""
+
+
+class Provenance(_M):
+    bench_version: str
+    git_sha: str | None
+    git_dirty: bool | None
+    command: str
+    config_hash: str
+    packages: dict[str, str]
+    platform: str
+    python: str
+
+
+class ErrorInfo(_M):
+    type: str
+    message: str
+    traceback: str
+
+
+class Result(_M):
+    schema_: Literal["bench.result/1"] = Field(SCHEMA, alias="schema")
+    run_id: str = Field(pattern=r"^[0-9A-Za-z_-]+$")
+    created_at: str
+    status: Literal["ok", "failed"]
+    seed: int
+    task: TaskInfo
+    method: MethodInfo
+    profile: ProfileInfo
+    quality: Quality | None = None
+    fidelity: Fidelity | None = None
+    controls: list[Control] = []
+    speed: Speed | None = None
+    memory: Memory | None = None
+    size: Size | None = None
+    compute: Compute | None = None
+    cost: Cost | None = None
+    provenance: Provenance
+    error: ErrorInfo | None = None
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _status_fields(self) -> "Result":
+        if self.status == "ok":
+            missing = [f for f in ("quality", "speed", "memory", "size", "cost") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"status 'ok' needs {', '.join(missing)}")
+            if self.error is not None:
+                raise ValueError("status 'ok' must not carry an error")
+        elif self.error is None:
+            raise ValueError("status 'failed' needs an error")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2) + "\n"
+
+    def relpath(self) -> Path:
+        return Path(self.profile.name) / self.task.name / self.method.name / f"{self.run_id}.json"
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Result.model_json_schema(by_alias=True)
+    schema["$id"] = "https://bench.dev/schema/result-1.schema.json"
+    schema["title"] = "bench.result/1"
+    return schema
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def invariant_errors(r: Result, path: Path | None = None, results_root: Path | None = None) -> list[str]:
+    """Facts a valid record must satisfy beyond its schema; empty when it satisfies them all."""
+    errs: list[str] = []
+    if r.quality:
+        q = r.quality
+        if not _close(q.delta, q.value - q.reference_value):
+            errs.append(f"quality.delta {q.delta} != value - reference_value = {q.value - q.reference_value}")
+        if q.interval and not (q.interval.low - 1e-9 <= q.value <= q.interval.high + 1e-9):
+            errs.append(f"quality.value {q.value} lies outside its interval [{q.interval.low}, {q.interval.high}]")
+    if r.speed:
+        s = r.speed
+        if not (s.interval.low - 1e-9 <= s.speedup <= s.interval.high + 1e-9):
+            errs.append(f"speed.speedup {s.speedup} lies outside its interval [{s.interval.low}, {s.interval.high}]")
+    if r.size:
+        for arm in ("reference", "method"):
+            so = getattr(r.size, arm)
+            if so.nonzero_parameters > so.parameters:
+                errs.append(f"size.{arm}.nonzero_parameters {so.nonzero_parameters} > parameters {so.parameters}")
+    from bench.provenance import config_hash
+
+    expected = config_hash(r.task.name, r.task.version, r.method.name, r.method.version,
+                           r.method.hyperparameters, r.profile.name, r.seed, r.provenance.bench_version)
+    if r.provenance.config_hash != expected:
+        errs.append(f"provenance.config_hash {r.provenance.config_hash} does not match the record's "
+                    f"configuration ({expected})")
+    if path is not None and results_root is not None:
+        try:
+            rel = path.resolve().relative_to(results_root.resolve())
+        except ValueError:
+            rel = None
+        if rel is not None and rel != r.relpath():
+            errs.append(f"file is at {rel} but its fields place it at {r.relpath()}")
+    return errs

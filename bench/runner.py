@@ -1,0 +1,180 @@
+"""One run, end to end: resolve, check the machine, load, evaluate, apply, measure side by side, write.
+
+Names, overrides and (under `--strict`) the profile are checked before any work, and a mistake there writes
+nothing. Once work has started, any exception still produces a record with `status: failed`, the error and
+its traceback, so a sweep sees what broke; Ctrl-C writes nothing. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import __version__, cache, registry
+from bench.config import to_jsonable
+from bench.hardware import ProfileMismatch, detect_machine, match_profile
+from bench.profiles import load_profile
+from bench.progress import Reporter
+from bench.provenance import config_hash, provenance
+from bench.result import (ArmTiming, Compute, Control, Cost, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
+                          ProfileInfo, Quality, Result, Size, SizeOf, Speed, TaskInfo)
+from bench.store import DEFAULT_RESULTS, write_result
+from tasks.base import Evaluation, RunContext
+
+
+@dataclass
+class RunOutcome:
+    result: Result
+    path: Path
+
+
+def _interval(lo_hi: tuple[float, float]) -> Interval:
+    return Interval(low=lo_hi[0], high=lo_hi[1])
+
+
+def _setup_torch(profile, seed: int) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before CUDA starts
+    import torch
+
+    torch.set_num_threads(profile.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if profile.device == "cuda":
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(seed)
+
+
+def reference_evaluation(task, subject, ctx: RunContext, ref_sha: str) -> Evaluation:
+    """The reference's quality, cached per task, reference weights, data, profile and seed."""
+    path = (cache.cache_dir() / "evals" / task.spec.name /
+            f"{cache.key(task.spec.version, ref_sha, task.data_fingerprint(), ctx.profile.name, ctx.seed, ctx.budget)}"
+            ".json")
+
+    def build() -> dict:
+        with ctx.progress.step("Evaluating the reference (cached afterwards)"):
+            return task.evaluate(subject, ctx).to_json()
+
+    payload, _ = cache.cached_json(path, build)
+    return Evaluation.from_json(payload)
+
+
+def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int = 0,
+        overrides: dict[str, str] | None = None, strict: bool = False, results_root: Path = DEFAULT_RESULTS,
+        reporter: Reporter | None = None, budget: str = "full", argv: list[str] | None = None) -> RunOutcome:
+    reporter = reporter or Reporter()
+    # --- resolve: every mistake here is the user's, and writes nothing ------------------------------------
+    tspec = registry.get_task_spec(task_name)
+    mspec = registry.get_method_spec(method_name)
+    registry.check_supports(mspec, tspec)
+    profile = load_profile(profile_name)
+    method = registry.create_method(method_name, overrides)
+    hparams = to_jsonable(method.config)
+    machine = detect_machine()
+    mismatches = match_profile(profile, machine)
+    if mismatches and strict:
+        raise ProfileMismatch("; ".join(mismatches))
+    for m in mismatches:
+        warnings.warn(f"profile mismatch: {m} (the result records it; --strict makes this an error)",
+                      stacklevel=2)
+
+    cfg_hash = config_hash(tspec.name, tspec.version, mspec.name, mspec.version, hparams, profile.name, seed,
+                           __version__)
+    now = datetime.now(timezone.utc)
+    run_id = f"{now:%Y%m%dT%H%M%SZ}-{cfg_hash[:8]}-{secrets.token_hex(2)}"
+    ctx = RunContext(profile=profile, seed=seed, progress=reporter, device=profile.device, dtype=profile.dtype,
+                     batch_size=profile.batch_for(tspec.modality), budget=budget)
+    common = dict(
+        run_id=run_id, created_at=now.isoformat(timespec="seconds"), seed=seed,
+        method=MethodInfo(name=mspec.name, family=mspec.family, version=mspec.version, hyperparameters=hparams,
+                          paper=mspec.paper, year=mspec.year, url=mspec.url),
+        profile=ProfileInfo(name=profile.name, device=profile.device, dtype=profile.dtype, threads=profile.threads,
+                            batch_size=ctx.batch_size, detected=machine, matched=not mismatches,
+                            mismatches=mismatches),
+        provenance=provenance(cfg_hash, argv),
+    )
+    task_info = TaskInfo(name=tspec.name, version=tspec.version, tier=tspec.tier, modality=tspec.modality,
+                         data_fingerprint="", reference_sha256="", reference_canonical=False)
+    try:
+        _setup_torch(profile, seed)
+        task = tspec.cls()
+        with reporter.step(f"Loading {tspec.name}"):
+            task.load(ctx)
+        ref_w = task.reference_weights(ctx)
+        task_info = task_info.model_copy(update=dict(data_fingerprint=task.data_fingerprint(),
+                                                     reference_sha256=ref_w.sha256,
+                                                     reference_canonical=ref_w.canonical))
+        body = _measure(task, method, ref_w, ctx)
+        result = Result(status="ok", task=task_info, **common, **body)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure becomes a failed record, then propagates
+        result = Result(status="failed", task=task_info, **common,
+                        error=ErrorInfo(type=type(e).__name__, message=str(e), traceback=traceback.format_exc()))
+        path = write_result(result, results_root)
+        raise RunFailed(result, path) from e
+    path = write_result(result, results_root)
+    return RunOutcome(result, path)
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, result: Result, path: Path):
+        self.result, self.path = result, path
+        super().__init__(f"{result.error.type}: {result.error.message} (record: {path})")
+
+
+def _measure(task, method, ref_w, ctx: RunContext) -> dict:
+    import numpy as np
+
+    from bench.measure import count_macs, count_parameters, peak_memory, serialized_bytes
+    from bench.stats import bootstrap_interval, paired_delta_interval
+    from bench.timing import TimingRules, arm_summary, paired_timing
+
+    reference = task.subject_from_state(ref_w.state, ctx)
+    ref_eval = reference_evaluation(task, reference, ctx, ref_w.sha256)
+    applied = method.apply(reference, task, ctx)
+    subject = applied.subject
+    with ctx.progress.step(f"Evaluating {method.spec.name}"):
+        met_eval = task.evaluate(subject, ctx)
+
+    spec = task.spec
+    quality = Quality(
+        metric=spec.metric, higher_is_better=spec.higher_is_better, value=met_eval.value,
+        reference_value=ref_eval.value, delta=met_eval.value - ref_eval.value,
+        interval=_interval(bootstrap_interval(met_eval.per_example)),
+        delta_interval=_interval(paired_delta_interval(met_eval.per_example, ref_eval.per_example)),
+        n=int(met_eval.per_example.shape[0]))
+    fid_metric, fid_value = task.fidelity(ref_eval, met_eval)
+    controls = [Control(name=c.name, description=c.description, value=c.value, cost_seconds=c.cost_seconds,
+                        interval=_interval(bootstrap_interval(c.per_example)) if c.per_example is not None else None)
+                for c in applied.controls]
+
+    ref_fn, items, unit = task.workload(reference, ctx)
+    met_fn, _, _ = task.workload(subject, ctx)
+    rules = TimingRules(**ctx.profile.timing.model_dump())
+    with ctx.progress.step("Timing reference and method, interleaved", total=rules.max_repeats) as advance:
+        timing = paired_timing(ref_fn, met_fn, rules, cuda=ctx.device == "cuda", on_pair=lambda i, s: advance(1))
+    ref_mem, measure = peak_memory(reference.model, ref_fn, ctx.device)
+    met_mem, _ = peak_memory(subject.model, met_fn, ctx.device)
+
+    def size_of(model) -> SizeOf:
+        total, nonzero = count_parameters(model)
+        return SizeOf(parameters=total, nonzero_parameters=nonzero, bytes=serialized_bytes(model))
+
+    ref_size, met_size = size_of(reference.model), size_of(subject.model)
+    sparsity = 1 - met_size.nonzero_parameters / met_size.parameters if met_size.parameters else 0.0
+    c = applied.cost
+    return dict(
+        quality=quality, fidelity=Fidelity(metric=fid_metric, value=fid_value), controls=controls,
+        speed=Speed(unit=unit, items_per_call=items, reference=ArmTiming(**arm_summary(timing.reference_s)),
+                    method=ArmTiming(**arm_summary(timing.method_s)), speedup=timing.speedup,
+                    interval=_interval(timing.interval), synchronized=timing.synchronized),
+        memory=Memory(measure=measure, reference_peak_bytes=ref_mem, method_peak_bytes=met_mem),
+        size=Size(reference=ref_size, method=met_size, sparsity=float(np.clip(sparsity, 0, 1)),
+                  runtime_exploits_sparsity=applied.runtime_exploits_sparsity),
+        compute=Compute(unit="MACs", reference=count_macs(ref_fn), method=count_macs(met_fn)),
+        cost=Cost(seconds=c.seconds, steps=c.steps, samples_seen=c.samples_seen, description=c.description),
+    )

@@ -1,0 +1,148 @@
+"""The task contract: data, a reference subject, a quality metric and a timed workload.
+
+A task module registers a `Task` subclass with `@register_task`. Module scope stays import-light (no torch):
+heavy imports happen inside methods, so `bench list tasks` is fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from bench.profiles import Profile
+    from bench.progress import Reporter
+    from bench.registry import TaskSpec
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@dataclass
+class RunContext:
+    """Everything a task or method needs to know about the run it is part of."""
+
+    profile: "Profile"
+    seed: int
+    progress: "Reporter"
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 64
+    budget: str = "full"  # "full", or "smoke" for CI's tiny-budget runs (fewer steps, same code path)
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class Subject:
+    """A loaded model with its inference procedure; methods take one and return another."""
+
+    model: "torch.nn.Module"
+    kind: str  # the task's modality
+    extra: dict[str, Any] = field(default_factory=dict)  # procedure settings (steps, draft model, ...)
+
+
+@dataclass
+class Evaluation:
+    """Quality of one subject: the metric's value, per-example scores (for intervals) and raw outputs."""
+
+    value: float
+    per_example: "np.ndarray"  # one score per evaluation example; value == per_example.mean()
+    outputs: "np.ndarray"  # what fidelity compares (predicted labels, generated tokens, images)
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "per_example": self.per_example.tolist(), "outputs": self.outputs.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Evaluation":
+        import numpy as np
+
+        return cls(float(d["value"]), np.asarray(d["per_example"], dtype=np.float64), np.asarray(d["outputs"]))
+
+
+@dataclass
+class ReferenceWeights:
+    state: dict
+    sha256: str
+    canonical: bool  # the task's published artifact, bit for bit
+    source: str  # where it came from: artifact path, cache path
+
+
+class Task(ABC):
+    """Base class. Subclasses set `spec` through `@register_task` and implement the abstract methods."""
+
+    spec: ClassVar["TaskSpec"]
+    # sha256 of the published reference weights in tasks/artifacts/<name>/reference.safetensors; None when the
+    # task has no committed artifact (a full task whose reference the user downloads or trains).
+    reference_sha256: ClassVar[str | None] = None
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self, ctx: RunContext) -> None:
+        """Load (or generate) the data; idempotent."""
+
+    @abstractmethod
+    def data_fingerprint(self) -> str:
+        """sha256 of the evaluation data as loaded, so results on different data never compare as equal."""
+
+    # ---- models -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def build_reference(self) -> "torch.nn.Module":
+        """A fresh, untrained reference architecture."""
+
+    @abstractmethod
+    def train_reference(self, ctx: RunContext) -> dict:
+        """Train the reference deterministically; return its state dict."""
+
+    def reference_weights(self, ctx: RunContext) -> ReferenceWeights:
+        """The published artifact when it is present and intact; else the cached (or newly trained) build."""
+        from bench import cache
+
+        art = ARTIFACTS / self.spec.name / "reference.safetensors"
+        if self.reference_sha256 and art.is_file():
+            hit = cache.load_weights(art, self.reference_sha256)
+            if hit is not None:
+                return ReferenceWeights(hit[0], hit[1], True, str(art))
+            warnings.warn(f"{art} does not match the task's recorded sha256; using a locally built reference "
+                          f"(results will say so)", stacklevel=2)
+        path = cache.cache_dir() / "tasks" / self.spec.name / f"v{self.spec.version}" / "reference.safetensors"
+
+        def build() -> dict:
+            with ctx.progress.step(f"Training the {self.spec.name} reference (cached afterwards)"):
+                return self.train_reference(ctx)
+
+        state, digest, _ = cache.cached_weights(path, build, {"task": self.spec.name,
+                                                               "version": self.spec.version})
+        return ReferenceWeights(state, digest, digest == self.reference_sha256, str(path))
+
+    def subject_from_state(self, state: dict, ctx: RunContext) -> Subject:
+        model = self.build_reference()
+        model.load_state_dict(state)
+        return self.prepare(model, ctx)
+
+    def prepare(self, model: "torch.nn.Module", ctx: RunContext) -> Subject:
+        """Put a model on the profile's device and dtype in eval mode, wrapped as this task's subject."""
+        model = model.to(device=ctx.device, dtype=ctx.torch_dtype).eval()
+        return Subject(model, self.spec.modality)
+
+    # ---- measurement --------------------------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
+        """Score `subject` on the evaluation split, deterministically."""
+
+    @abstractmethod
+    def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
+        """(metric name, value) of how close the method's outputs are to the reference's."""
+
+    @abstractmethod
+    def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
+        """(one timed call, items it processes, a description of the unit)."""
