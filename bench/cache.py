@@ -48,11 +48,15 @@ def entry_lock(path: Path) -> Iterator[None]:
 
 # --- weights -----------------------------------------------------------------------------------------------
 
-def save_weights(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> str:
-    """Save `tensors` as safetensors atomically with a `.sha256` sidecar; return the sha256."""
+def save_weights(path: Path, tensors: dict) -> str:
+    """Save `tensors` as safetensors atomically with a `.sha256` sidecar; return the sha256.
+
+    No `__metadata__` is written: safetensors serialises it from a hash map in an order that changes from
+    process to process, which would make the same tensors hash differently.
+    """
     from safetensors.torch import save
 
-    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     digest = sha256_bytes(blob)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -88,8 +92,7 @@ def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict, 
         return None
 
 
-def cached_weights(path: Path, build: Callable[[], dict], metadata: dict[str, str] | None = None
-                   ) -> tuple[dict, str, bool]:
+def cached_weights(path: Path, build: Callable[[], dict]) -> tuple[dict, str, bool]:
     """(tensors, sha256, built_now): load `path`, or build, save and return it under the entry's lock."""
     hit = load_weights(path)
     if hit is not None:
@@ -99,7 +102,7 @@ def cached_weights(path: Path, build: Callable[[], dict], metadata: dict[str, st
         if hit is not None:
             return hit[0], hit[1], False
         tensors = build()
-        digest = save_weights(path, tensors, metadata)
+        digest = save_weights(path, tensors)
         return tensors, digest, True
 
 

@@ -187,6 +187,12 @@ def reference_build(
                  else "differs from the task's published reference (results made on it will say so)"))
 
 
+from leaderboard.cli import leaderboard_app, recommend  # noqa: E402 - light: typer and rich only
+
+app.add_typer(leaderboard_app, name="leaderboard")
+app.command("recommend")(recommend)
+
+
 def main() -> None:
     app()
 

@@ -30,10 +30,10 @@ def build_reference(task_name: str, publish: bool = False, console=None) -> tupl
     task = spec.cls()
     task.load(ctx)
     state = task.train_reference(ctx)
-    path = cache.cache_dir() / "tasks" / spec.name / f"v{spec.version}" / "reference.safetensors"
-    meta = {"task": spec.name, "version": spec.version}
-    digest = cache.save_weights(path, state, meta)
+    path = task.reference_cache_path(ctx)
+    digest = cache.save_weights(path, state)
     if publish:
         path = ARTIFACTS / spec.name / "reference.safetensors"
-        cache.save_weights(path, state, meta)
+        cache.save_weights(path, state)
+        path.with_name(path.name + ".sha256").unlink()  # the task module records the published hash
     return digest, path, digest == spec.cls.reference_sha256

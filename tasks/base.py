@@ -114,15 +114,18 @@ class Task(ABC):
                 return ReferenceWeights(hit[0], hit[1], True, str(art))
             warnings.warn(f"{art} does not match the task's recorded sha256; using a locally built reference "
                           f"(results will say so)", stacklevel=2)
-        path = cache.cache_dir() / "tasks" / self.spec.name / f"v{self.spec.version}" / "reference.safetensors"
-
-        def build() -> dict:
-            with ctx.progress.step(f"Training the {self.spec.name} reference (cached afterwards)"):
-                return self.train_reference(ctx)
-
-        state, digest, _ = cache.cached_weights(path, build, {"task": self.spec.name,
-                                                               "version": self.spec.version})
+        path = self.reference_cache_path(ctx)
+        state, digest, _ = cache.cached_weights(path, lambda: self.train_reference(ctx))
         return ReferenceWeights(state, digest, digest == self.reference_sha256, str(path))
+
+    def reference_cache_path(self, ctx: RunContext) -> Path:
+        """Where a locally trained reference is cached: keyed by everything that changes its weights, so a
+        smoke-budget build is never taken for the real one."""
+        from bench import cache
+
+        k = cache.key(self.spec.version, ctx.budget, ctx.device, getattr(self, "recipe", None),
+                      self.data_fingerprint())
+        return cache.cache_dir() / "tasks" / self.spec.name / f"v{self.spec.version}" / f"reference-{k}.safetensors"
 
     def subject_from_state(self, state: dict, ctx: RunContext) -> Subject:
         model = self.build_reference()
