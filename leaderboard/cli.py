@@ -1,0 +1,158 @@
+"""`bench leaderboard build|serve` and `bench recommend`.
+
+Registered on the main app by bench/cli.py. Module scope imports only typer and rich (which `bench` loads
+anyway); jinja2, the result models and the builder are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+leaderboard_app = typer.Typer(no_args_is_help=True, help="Build and serve the static leaderboard site.")
+_out = Console()
+_err = Console(stderr=True)
+
+ResultsOpt = Annotated[Path, typer.Option("--results", help="root of the results tree")]
+OutOpt = Annotated[Path, typer.Option("--out", help="folder the site is written to")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    _err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _warn_invalid(invalid: list) -> None:
+    for e in invalid:
+        _err.print(f"warning: skipped invalid result {e.path}: " + "; ".join(e.problems), markup=False,
+                   highlight=False, soft_wrap=True)
+
+
+@leaderboard_app.command("build")
+def build(results: ResultsOpt = Path("results"), out: OutOpt = Path("site"),
+          strict: Annotated[bool, typer.Option(help="fail when any result file is invalid")] = False) -> None:
+    """Build the static site from every result under --results (a pure function: same input, same bytes)."""
+    from leaderboard.build import BuildError, build_site
+
+    try:
+        report = build_site(results, out, strict=strict)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    except BuildError as e:
+        _fail(str(e), code=1)
+    _warn_invalid(report.invalid)
+    skipped = f", {len(report.invalid)} invalid file(s) skipped" if report.invalid else ""
+    _out.print(f"wrote {report.pages} pages to {out}/: {report.results} results ({report.ranked} ranked) on "
+               f"{report.tasks} task(s){skipped}\nopen {out / 'index.html'} in a browser, or run "
+               f"`bench leaderboard serve --out {out}`", markup=False, highlight=False)
+
+
+def make_server(out: Path, port: int):
+    """An HTTP server for `out` on 127.0.0.1 (port 0 picks a free one); the caller runs serve_forever."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, fmt, *args):  # one line per request on stderr, without the timestamp noise
+            _err.out(f"{self.address_string()} {fmt % args}", highlight=False)
+
+    handler = functools.partial(Quiet, directory=str(out))
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
+@leaderboard_app.command("serve")
+def serve(out: OutOpt = Path("site"),
+          port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0 picks a free one)")] = 8000) -> None:
+    """Serve the built site on 127.0.0.1 for a local look (Ctrl-C stops)."""
+    if not (out / "index.html").is_file():
+        _fail(f"{out}/index.html does not exist: run `bench leaderboard build --out {out}` first")
+    try:
+        server = make_server(out, port)
+    except OSError as e:
+        _fail(f"cannot listen on 127.0.0.1:{port}: {e.strerror or e}")
+    with server:
+        _out.print(f"serving {out}/ at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)", highlight=False)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+
+
+def recommend(
+    task: Annotated[str, typer.Option("--task", "-t", help="task name")],
+    profile: Annotated[str, typer.Option(help="hardware profile; results of other profiles are never mixed in")] = "cpu",
+    max_drop: Annotated[str, typer.Option("--max-drop", help="the largest quality loss accepted: '1%' is relative "
+                                          "to the reference's value, a plain number ('0.01') is absolute, in the "
+                                          "metric's units")] = "1%",
+    results: ResultsOpt = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the recommendations as JSON")] = False,
+) -> None:
+    """The methods on the Pareto front within a quality budget, fastest first, with intervals and the command
+    to reproduce each."""
+    from rich.text import Text
+
+    from leaderboard import data as D
+    from leaderboard.pages import fdelta, fq, fspeed
+
+    try:
+        budget = D.parse_budget(max_drop)
+        loaded = D.load_tree(results)
+    except (D.BudgetError, FileNotFoundError) as e:
+        _fail(str(e))
+    _warn_invalid(loaded.invalid)
+    rows = D.rows_of(loaded)
+    tasks = D.sorted_unique(r["task"] for r in rows)
+    task_rows = [r for r in rows if r["task"] == task]
+    if not task_rows:
+        near = difflib.get_close_matches(task, tasks, n=3, cutoff=0.5)
+        _fail(f"no ranked results for task {task!r} under {results}/."
+              + (f" Did you mean {', '.join(repr(n) for n in near)}?" if near else "")
+              + (f" Tasks with results: {', '.join(tasks)}." if tasks else " The results tree has none yet."))
+    profiles = D.sorted_unique(r["profile"] for r in task_rows)
+    prow = [r for r in task_rows if r["profile"] == profile]
+    if not prow:
+        _fail(f"no ranked results for task {task!r} on profile {profile!r}. Profiles with results for "
+              f"{task!r}: {', '.join(profiles)}.")
+    picks = D.recommend(prow, budget)
+    metric = prow[0]["metric"]
+    refs = D.sorted_unique(r["ref"] for r in prow if r["ref"] is not None)
+    if as_json:
+        keep = ("rank", "method", "family", "hp", "speedup", "slo", "shi", "delta", "dlo", "dhi", "value", "ref",
+                "allowed", "sure", "verified", "file", "command", "id")
+        print(json.dumps([{**{k: p[k] for k in keep}, "reproduce": f"bench reproduce results/{p['file']}"}
+                          for p in picks], indent=2, sort_keys=True))
+        raise typer.Exit(0 if picks else 1)
+    allowed = budget.allowed(refs[0]) if refs else budget.amount
+    _out.print(Text(f"{task} on {profile}: reference {metric} {' / '.join(fq(v, metric) for v in refs)}; "
+                    f"budget: lose at most {budget} (= {fdelta(-allowed, metric).lstrip('-+')}); "
+                    f"{len(prow)} result(s) on this profile."), soft_wrap=True)
+    if not picks:
+        best = min(prow, key=D.drop)
+        _out.print(Text(f"No method on the Pareto front is within the budget. The smallest loss is "
+                        f"{best['method']} ({best['hps']}): {fdelta(best['delta'], metric)} at "
+                        f"{fspeed(best['speedup'])}."), soft_wrap=True)
+        raise typer.Exit(1)
+    _out.print(Text(f"Recommended: the Pareto front within the budget, fastest first ({len(picks)}):", style="bold"))
+    ranks = [p["rank"] for p in picks]
+    for p in picks:
+        tied = ranks.count(p["rank"]) > 1
+        head = Text(f"{p['rank']}{'=' if tied else ''}".ljust(4), style="bold")
+        head.append(p["method"], style="bold cyan")
+        head.append(f" ({p['family']})  ")
+        head.append(p["hps"] or "(no hyper-parameters)")
+        _out.print(head, soft_wrap=True)
+        _out.print(Text(f"    speedup {fspeed(p['speedup'])} [{fspeed(p['slo'])}, {fspeed(p['shi'])}]   "
+                        f"Δ {metric} {fdelta(p['delta'], metric)} [{fdelta(p['dlo'], metric)}, "
+                        f"{fdelta(p['dhi'], metric)}]   "
+                        + ("whole interval within budget" if p["sure"] else "point estimate within budget") + "   "
+                        + ("verified" if p["verified"] else "unverified")), soft_wrap=True)
+        _out.print(Text(f"    bench reproduce results/{p['file']}"), soft_wrap=True)
+        _out.print(Text(f"    originally: {p['command']}", style="dim"), soft_wrap=True)
+    if any(ranks.count(r) > 1 for r in ranks):
+        _out.print("Ranks marked '=' are statistically tied: their speedup intervals overlap.")

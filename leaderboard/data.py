@@ -1,0 +1,223 @@
+"""From the results tree to leaderboard rows: loading, Pareto fronts, tie-aware ranks, quality budgets.
+
+Everything here is a pure function of its inputs, ordered stably, so the site built from it is byte-identical
+for the same results tree. The same code answers `bench recommend`, so the terminal and the site agree.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+VERIFIED_SUFFIX = ".verified.json"
+BUDGET_HELP = ("the largest quality loss accepted: '1%' is relative to the reference's value, "
+               "a plain number ('0.01') is absolute, in the metric's units")
+
+
+@dataclass
+class Loaded:
+    """A results tree as read: valid records with their relative paths, and the files left out (and why)."""
+
+    results: list = field(default_factory=list)  # [(Result, relpath: str, verified: bool)], stably ordered
+    invalid: list = field(default_factory=list)  # [bench.store.InvalidResult]
+    verified_files: dict = field(default_factory=dict)  # result relpath -> its .verified.json Path
+
+
+def result_files(root: Path) -> list[Path]:
+    """The result JSON files under `root`, without verification records (`<run-id>.verified.json`)."""
+    from bench.store import iter_result_files
+
+    return [p for p in iter_result_files(root) if not p.name.endswith(VERIFIED_SUFFIX)]
+
+
+def load_tree(root: Path) -> Loaded:
+    """Read and validate every result under `root`; a result is verified when `<run-id>.verified.json`
+    lies beside it (issue 9 will give that file content; for now its presence is the flag)."""
+    from bench.store import InvalidResult, load_result
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist")
+    out = Loaded()
+    for p in result_files(root):
+        try:
+            r = load_result(p)  # the location check below is load_result's own, without resolving paths
+        except InvalidResult as e:
+            out.invalid.append(e)
+            continue
+        rel, where = r.relpath().as_posix(), p.relative_to(root).as_posix()
+        if where != rel:
+            out.invalid.append(InvalidResult(p, [f"file is at {where} but its fields place it at {rel}"]))
+            continue
+        marker = p.with_name(p.name[: -len(".json")] + VERIFIED_SUFFIX)
+        verified = marker.is_file()
+        if verified:
+            out.verified_files[rel] = marker
+        out.results.append((r, rel, verified))
+    out.results.sort(key=lambda t: (t[0].task.name, t[0].profile.name, t[0].method.name, t[0].created_at,
+                                    t[0].run_id))
+    return out
+
+
+def num(x: Any) -> float | None:
+    """A finite float, or None (JSON has no NaN or infinity, and the browser's JSON.parse rejects them)."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def hp_text(hp: dict[str, Any]) -> str:
+    """Hyper-parameters on one line: `T=4, alpha=0.5`, in the record's own key order."""
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, sort_keys=True)}" for k, v in hp.items())
+
+
+def is_fraction_metric(metric: str) -> bool:
+    return any(w in metric for w in ("accuracy", "match", "agreement", "f1"))
+
+
+def to_row(r, rel: str, verified: bool) -> dict[str, Any]:
+    """One result flattened for tables, the plot and downloads (status 'ok' records only)."""
+    q, s = r.quality, r.speed
+    dlo, dhi = (q.delta_interval.low, q.delta_interval.high) if q.delta_interval else (q.delta, q.delta)
+    slo, shi = s.interval.low, s.interval.high
+    return {
+        "id": r.run_id, "file": rel, "page": "runs/" + rel[: -len(".json")] + ".html",
+        "task": r.task.name, "tier": r.task.tier, "profile": r.profile.name, "matched": r.profile.matched,
+        "method": r.method.name, "family": r.method.family, "hp": r.method.hyperparameters,
+        "hps": hp_text(r.method.hyperparameters), "seed": r.seed,
+        "metric": q.metric, "hib": q.higher_is_better, "value": num(q.value), "ref": num(q.reference_value),
+        "delta": num(q.delta), "dlo": num(dlo), "dhi": num(dhi),
+        "speedup": num(s.speedup), "slo": num(slo), "shi": num(shi),
+        "mem": r.memory.method_peak_bytes, "mem_ref": r.memory.reference_peak_bytes,
+        "params": r.size.method.parameters, "nonzero": r.size.method.nonzero_parameters,
+        "bytes": r.size.method.bytes, "cost_s": num(r.cost.seconds), "verified": verified,
+        "date": r.created_at[:10], "created_at": r.created_at, "command": r.provenance.command,
+    }
+
+
+def rows_of(loaded: Loaded) -> list[dict[str, Any]]:
+    """Rows of the records that can be ranked: status 'ok' with finite quality delta and speedup."""
+    rows = []
+    for r, rel, verified in loaded.results:
+        if r.status != "ok":
+            continue
+        row = to_row(r, rel, verified)
+        if row["delta"] is None or row["speedup"] is None:
+            continue
+        rows.append(row)
+    return rows
+
+
+def goodness(row: dict[str, Any]) -> float:
+    """The quality change with its sign turned so that larger is always better."""
+    return row["delta"] if row["hib"] else -row["delta"]
+
+
+def goodness_interval(row: dict[str, Any]) -> tuple[float, float]:
+    lo = row["dlo"] if row["dlo"] is not None else row["delta"]
+    hi = row["dhi"] if row["dhi"] is not None else row["delta"]
+    return (lo, hi) if row["hib"] else (-hi, -lo)
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> set[int]:
+    """Indices of the rows no other row dominates (at least as fast and as good, strictly better in one),
+    on the point estimates of speedup and quality change."""
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["speedup"])
+    front: set[int] = set()
+    best = -math.inf  # best goodness among strictly faster rows
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and rows[order[j]]["speedup"] == rows[order[i]]["speedup"]:
+            j += 1
+        group = order[i:j]
+        gmax = max(goodness(rows[k]) for k in group)
+        if gmax > best:
+            front.update(k for k in group if goodness(rows[k]) == gmax)
+            best = gmax
+        i = j
+    return front
+
+
+def tied_ranks(intervals: list[tuple[float, float]]) -> list[int]:
+    """Rank = 1 + the number of rows whose whole interval lies above this row's (larger is better).
+
+    Rows whose intervals overlap cannot be told apart, so they share a rank: ranks are ties, not a strict
+    order. Two rows with the same rank never have separated intervals.
+    """
+    lows = sorted(lo for lo, _ in intervals)
+    n = len(lows)
+    return [1 + n - bisect.bisect_right(lows, hi) for _, hi in intervals]
+
+
+def speed_interval(row: dict[str, Any]) -> tuple[float, float]:
+    lo = row["slo"] if row["slo"] is not None else row["speedup"]
+    hi = row["shi"] if row["shi"] is not None else row["speedup"]
+    return lo, hi
+
+
+class BudgetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Budget:
+    amount: float
+    relative: bool
+
+    def allowed(self, reference_value: float) -> float:
+        """The largest quality loss accepted, in the metric's units."""
+        return self.amount / 100 * abs(reference_value) if self.relative else self.amount
+
+    def __str__(self) -> str:
+        return f"{self.amount:g}% of the reference" if self.relative else f"{self.amount:g} (absolute)"
+
+
+def parse_budget(text: str) -> Budget:
+    t = text.strip()
+    relative = t.endswith("%")
+    try:
+        amount = float(t[:-1] if relative else t)
+    except ValueError:
+        raise BudgetError(f"--max-drop {text!r} is not a number or a percentage ({BUDGET_HELP})") from None
+    if not math.isfinite(amount) or amount < 0:
+        raise BudgetError(f"--max-drop {text!r} must be a non-negative number ({BUDGET_HELP})")
+    return Budget(amount, relative)
+
+
+def drop(row: dict[str, Any]) -> float:
+    """The quality lost, in the metric's units (negative when the method improved quality)."""
+    return -goodness(row)
+
+
+def recommend(rows: Iterable[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:
+    """The Pareto-front rows whose quality loss is within the budget, fastest first, with tie-aware ranks.
+
+    Each returned row gains `rank` (by speedup interval), `allowed` (the budget in metric units) and `sure`
+    (True when even the pessimistic end of the quality interval is within the budget).
+    """
+    rows = list(rows)
+    front = pareto_front(rows)
+    picked = []
+    for i in sorted(front):
+        row = rows[i]
+        allowed = budget.allowed(row["ref"] if row["ref"] is not None else 0.0)
+        if drop(row) <= allowed + 1e-12:
+            worst = -goodness_interval(row)[0]
+            picked.append({**row, "allowed": allowed, "sure": worst <= allowed + 1e-12})
+    picked.sort(key=lambda r: (-r["speedup"], -goodness(r), r["method"], r["id"]))
+    for row, rank in zip(picked, tied_ranks([speed_interval(r) for r in picked])):
+        row["rank"] = rank
+    return picked
+
+
+def sorted_unique(values: Iterable[Any]) -> list[Any]:
+    return sorted(set(values))

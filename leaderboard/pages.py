@@ -1,0 +1,189 @@
+"""What each page shows: plain dicts and strings built from result records, and the number formats.
+
+The templates only lay these out; jinja2 escapes every string. Nothing here reads the clock or the disk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from leaderboard import data as D
+
+FAMILY_ORDER = ("distillation", "caching", "pruning", "decoding", "none")
+
+
+# --- number formats (the same rules as assets/task.js) ------------------------------------------------------
+def fq(v: float | None, metric: str = "") -> str:
+    if v is None:
+        return "–"
+    return f"{v * 100:.2f}%" if D.is_fraction_metric(metric) else f"{v:.4g}"
+
+
+def fdelta(v: float | None, metric: str = "") -> str:
+    if v is None:
+        return "–"
+    pct = D.is_fraction_metric(metric)
+    text = f"{v * 100:+.2f}" if pct else f"{v:+.3g}"
+    text = text.lstrip("+-") if float(text) == 0 else text  # never "-0.00"
+    return text + " pp" if pct else text
+
+
+def fspeed(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}×" if v < 100 else f"{v:.0f}×"
+
+
+def fbytes(n: int | float | None) -> str:
+    if n is None:
+        return "–"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fsecs(s: float | None) -> str:
+    if s is None:
+        return "–"
+    if s < 60:
+        return f"{s:.1f} s"
+    return f"{s / 60:.1f} min" if s < 3600 else f"{s / 3600:.1f} h"
+
+
+def safe_url(u: str | None) -> str:
+    """Only http(s) links from result files become hrefs; anything else (javascript:, data:) stays text."""
+    return u if isinstance(u, str) and u.lower().startswith(("https://", "http://")) else ""
+
+
+FILTERS = {"fq": fq, "fdelta": fdelta, "fspeed": fspeed, "fbytes": fbytes, "fsecs": fsecs, "safe_url": safe_url}
+
+
+def _family_key(f: str) -> tuple[int, str]:
+    return (FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER), f)
+
+
+def _ref_text(values: list[float], metric: str) -> str:
+    return " / ".join(fq(v, metric) for v in sorted(set(values)))
+
+
+# --- home ---------------------------------------------------------------------------------------------------
+def task_card(task: str, records: list, rows: list[dict], spec: Any, budget: D.Budget) -> dict[str, Any]:
+    tiers = Counter(r.task.tier for r, _, _ in records)
+    metric = rows[0]["metric"] if rows else (spec.metric if spec else "")
+    profiles = []
+    for prof in D.sorted_unique(r.profile.name for r, _, _ in records):
+        prow = [x for x in rows if x["profile"] == prof]
+        best = []
+        for fam in sorted({x["family"] for x in prow} - {"none"}, key=_family_key):
+            picks = D.recommend([x for x in prow if x["family"] == fam], budget)
+            if picks:
+                best.append(picks[0])
+            else:
+                best.append({"family": fam, "method": None})
+        profiles.append({"name": prof, "n": len(prow), "best": best,
+                         "n_failed": sum(1 for r, _, _ in records if r.profile.name == prof and r.status != "ok"),
+                         "reference": _ref_text([x["ref"] for x in prow if x["ref"] is not None], metric)})
+    return {"name": task, "tier": sorted(tiers, key=lambda t: (-tiers[t], t))[0], "metric": metric,
+            "hib": rows[0]["hib"] if rows else (spec.higher_is_better if spec else True),
+            "summary": spec.summary if spec else "", "modality": records[0][0].task.modality,
+            "profiles": profiles, "n": len(records), "budget": str(budget)}
+
+
+# --- task page ----------------------------------------------------------------------------------------------
+def task_page(card: dict, rows: list[dict], method_specs: dict) -> dict[str, Any]:
+    profiles = [p["name"] for p in card["profiles"] if p["n"]] or [p["name"] for p in card["profiles"]]
+    counts = Counter(x["profile"] for x in rows)
+    default = sorted(profiles, key=lambda p: (-counts[p], p))[0] if profiles else ""
+    families = sorted({x["family"] for x in rows}, key=_family_key)
+    methods = D.sorted_unique(x["method"] for x in rows)
+    tiers = D.sorted_unique(x["tier"] for x in rows)
+    keep = ("id", "file", "page", "tier", "profile", "matched", "method", "family", "hp", "hps", "seed", "value",
+            "ref", "delta", "dlo", "dhi", "speedup", "slo", "shi", "mem", "mem_ref", "params", "nonzero",
+            "bytes", "cost_s", "verified", "date", "created_at")
+    payload = {"task": card["name"], "metric": card["metric"], "hib": card["hib"],
+               "pct": D.is_fraction_metric(card["metric"]), "profiles": profiles, "default_profile": default,
+               "families": families, "methods": methods, "tiers": tiers,
+               "rows": [{k: x[k] for k in keep} for x in rows]}
+    return {"task": card, "profiles": profiles, "default_profile": default, "families": families,
+            "methods": methods, "tiers": tiers, "data": payload}
+
+
+# --- method pages -------------------------------------------------------------------------------------------
+def method_page(name: str, records: list, spec: Any) -> dict[str, Any]:
+    latest = max(records, key=lambda t: (t[0].created_at, t[0].run_id))[0].method
+    hp_sets = Counter(json.dumps(r.method.hyperparameters, sort_keys=True) for r, _, _ in records)
+    results = []
+    for r, rel, verified in sorted(records, key=lambda t: (t[0].task.name, t[0].profile.name, t[0].created_at,
+                                                           t[0].run_id)):
+        item = {"task": r.task.name, "profile": r.profile.name, "status": r.status, "seed": r.seed,
+                "hps": D.hp_text(r.method.hyperparameters), "verified": verified, "date": r.created_at[:10],
+                "page": "runs/" + rel[: -len(".json")] + ".html", "file": rel}
+        if r.status == "ok":
+            q, s = r.quality, r.speed
+            item.update(metric=q.metric, value=D.num(q.value), delta=D.num(q.delta),
+                        dlo=D.num(q.delta_interval.low) if q.delta_interval else None,
+                        dhi=D.num(q.delta_interval.high) if q.delta_interval else None,
+                        speedup=D.num(s.speedup), slo=D.num(s.interval.low), shi=D.num(s.interval.high))
+        else:
+            item.update(metric="", error=f"{r.error.type}: {r.error.message}" if r.error else "")
+        results.append(item)
+    return {"name": name, "family": latest.family, "paper": latest.paper, "year": latest.year,
+            "url": safe_url(latest.url) or safe_url(spec.url if spec else ""), "url_text": latest.url,
+            "summary": spec.summary if spec else "", "version": latest.version,
+            "modalities": list(spec.modalities) if spec else [],
+            "hp_sets": [(D.hp_text(json.loads(h)), c) for h, c in sorted(hp_sets.items())],
+            "hp_keys": D.sorted_unique(k for r, _, _ in records for k in r.method.hyperparameters),
+            "results": results, "tasks": D.sorted_unique(x["task"] for x in results)}
+
+
+# --- run pages ----------------------------------------------------------------------------------------------
+def _pairs(d: dict[str, Any], skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    return [(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in d.items() if k not in skip]
+
+
+def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
+    metric = r.quality.metric if r.quality else ""
+    compare = []
+    if r.status == "ok":
+        q, s, m, z, c = r.quality, r.speed, r.memory, r.size, r.cost
+        ci = (f" [{fdelta(q.delta_interval.low, metric)}, {fdelta(q.delta_interval.high, metric)}]"
+              if q.delta_interval else "")
+        compare.append((q.metric, fq(q.reference_value, metric), fq(q.value, metric), fdelta(q.delta, metric) + ci))
+        if r.fidelity:
+            compare.append((r.fidelity.metric, "", f"{r.fidelity.value:.4g}", ""))
+        for ctl in r.controls:
+            compare.append((f"control: {ctl.name}", "", fq(ctl.value, metric), ctl.description))
+        compare.append((f"time per call ({s.unit})", f"{s.reference.median_s * 1e3:.3f} ms",
+                        f"{s.method.median_s * 1e3:.3f} ms",
+                        f"speedup {fspeed(s.speedup)} [{fspeed(s.interval.low)}, {fspeed(s.interval.high)}] "
+                        f"(n={s.reference.n}, {s.order})"))
+        compare.append(("peak memory", fbytes(m.reference_peak_bytes), fbytes(m.method_peak_bytes), m.measure))
+        compare.append(("parameters (non-zero)", f"{z.reference.parameters:,} ({z.reference.nonzero_parameters:,})",
+                        f"{z.method.parameters:,} ({z.method.nonzero_parameters:,})",
+                        f"sparsity {z.sparsity:.1%}" + ("" if z.runtime_exploits_sparsity or z.sparsity == 0
+                                                        else " (not exploited by the runtime)")))
+        compare.append(("serialized size", fbytes(z.reference.bytes), fbytes(z.method.bytes), ""))
+        if r.compute:
+            compare.append((f"{r.compute.unit} per call", f"{r.compute.reference:.3g}", f"{r.compute.method:.3g}", ""))
+        compare.append(("training / calibration", "", f"{fsecs(c.seconds)}, {c.steps:,} steps, "
+                        f"{c.samples_seen:,} samples", c.description))
+    p, d = r.provenance, json.loads(raw)  # the record as written: every field, in the file's order
+    sections = [
+        ("Run", [("run id", r.run_id), ("created", r.created_at), ("status", r.status), ("seed", str(r.seed)),
+                 ("verified", "verified" if verified else "unverified")]),
+        ("Task", _pairs(d["task"])),
+        ("Method", _pairs(d["method"], skip=("hyperparameters",))),
+        ("Hyper-parameters", _pairs(d["method"]["hyperparameters"])),
+        ("Profile", _pairs(d["profile"], skip=("detected",))),
+        ("Detected machine", _pairs(d["profile"]["detected"])),
+        ("Provenance", [("command", p.command), ("git sha", p.git_sha or "(not a git checkout)"),
+                        ("git dirty", json.dumps(p.git_dirty)), ("bench version", p.bench_version),
+                        ("config hash", p.config_hash), ("python", p.python), ("platform", p.platform)]),
+        ("Packages", sorted(p.packages.items())),
+    ]
+    return {"r": r, "rel": rel, "file": "results/" + rel, "verified": verified, "metric": metric,
+            "reproduce": f"bench reproduce results/{rel}", "command": p.command, "compare": compare,
+            "sections": sections, "raw": raw, "method_url": safe_url(r.method.url)}

@@ -1,0 +1,207 @@
+"""The built site in a real browser: Playwright driving the system Chromium, pages opened from file://.
+
+Needs the `playwright` Python package and Debian's Chromium (`apt-get install chromium`; Playwright's own
+browser download is not used). Skips, saying which is missing, when either is absent.
+Set BENCH_DOCS_SCREENSHOT=1 to also refresh docs/leaderboard-task.png (from results/ when it has results).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from leaderboard.build import build_site
+from lb_synth import XSS
+
+CHROMIUM = os.environ.get("BENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]
+REPO = Path(__file__).resolve().parents[2]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the `playwright` Python package is not installed "
+                               "(pip install playwright)")
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` (apt-get install chromium) to run the "
+                f"browser tests", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+class Watched:
+    """A page whose console errors, uncaught exceptions, dialogs and requests are recorded."""
+
+    def __init__(self, browser, **kw):
+        self.context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000}, **kw)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+
+    def goto(self, url: str) -> None:
+        self.page.goto(url)
+        self.page.wait_for_load_state("load")
+
+    def check_clean(self) -> None:
+        assert self.errors == [], self.errors
+        assert self.dialogs == [], f"a script from a result file ran: {self.dialogs}"
+        assert self.requests and all(u.startswith("file:") for u in self.requests), \
+            [u for u in self.requests if not u.startswith("file:")]
+
+
+def counts(page) -> tuple[int, int]:
+    return page.locator("#plot circle.pt").count(), page.locator("#tbody tr[data-id]").count()
+
+
+def test_task_page_from_file_url(browser, results_tree: Path, tmp_path: Path):
+    site = build_site(results_tree, tmp_path / "site").out
+    w = Watched(browser)
+    page = w.page
+    url = (site / "tasks" / "digits.html").as_uri()
+    w.goto(url)
+    assert page.locator("body[data-ready='1']").count() == 1
+    # cpu is the default profile: 7 ranked results there, one point and one row each; the h100 run is not mixed in
+    assert counts(page) == (7, 7)
+    assert page.locator("#cur-profile").inner_text() == "cpu"
+    assert page.locator("#plot path.front").count() == 1
+    assert page.locator("#tbody tr.front").count() == page.locator("#plot circle.on-front").count() >= 2
+    # the injected hyper-parameter renders as text, and hovering shows it as text too
+    assert XSS in page.locator("#tbody").inner_text()
+    page.locator("#plot circle.pt").first.hover()
+    assert not page.locator("#tip").is_hidden()
+    page.screenshot(path=str(tmp_path / "task.png"), full_page=True)
+
+    # a filter changes the table, the plot and the URL hash
+    page.locator("#f-family input[value='distillation']").check()
+    page.wait_for_function("location.hash.includes('family=distillation')")
+    assert counts(page) == (2, 2)
+    assert "family=distillation" in page.url and "profile=cpu" in page.url
+    page.select_option("#f-method", "kd")
+    page.wait_for_function("location.hash.includes('method=kd')")
+    assert counts(page) == (2, 2)
+    # sorting is kept in the hash too; the hash restores everything on reload
+    page.locator("th[data-key='delta']").click()
+    page.wait_for_function("location.hash.includes('sort=delta')")
+    first = page.locator("#tbody tr[data-id]").first.inner_text()
+    filtered_url = page.url
+    page.reload()
+    page.wait_for_load_state("load")
+    assert page.url == filtered_url
+    assert page.locator("#f-family input[value='distillation']").is_checked()
+    assert page.locator("#f-method").input_value() == "kd"
+    assert counts(page) == (2, 2) and page.locator("#tbody tr[data-id]").first.inner_text() == first
+    # a shared link opens the same view in a fresh page
+    w2 = Watched(browser)
+    w2.goto(url + "#profile=h100-bf16")
+    assert counts(w2.page) == (1, 1) and w2.page.locator("#f-profile").input_value() == "h100-bf16"
+    w2.check_clean()
+    w2.context.close()
+    w.check_clean()
+
+    # downloads of the rows shown, built client-side (Blob URLs work from file://)
+    with page.expect_download() as d:
+        page.locator("#dl-csv").click()
+    rows = list(csv.DictReader(io.StringIO(Path(d.value.path()).read_text())))
+    assert d.value.suggested_filename == "digits-cpu.csv"
+    assert [r["method"] for r in rows] == ["kd", "kd"] and all(r["profile"] == "cpu" for r in rows)
+    with page.expect_download() as d:
+        page.locator("#dl-json").click()
+    data = json.loads(Path(d.value.path()).read_text())
+    assert len(data) == 2 and {r["result_file"] for r in data} == {"results/" + r["result_file"].split("results/", 1)[1]
+                                                                     for r in rows}
+    assert w.errors == [] and w.dialogs == []
+    w.context.close()
+
+
+def test_click_a_point_opens_its_run_page(browser, results_tree: Path, tmp_path: Path):
+    site = build_site(results_tree, tmp_path / "site").out
+    w = Watched(browser)
+    w.goto((site / "tasks" / "digits.html").as_uri() + "#profile=cpu&method=magnitude")
+    assert counts(w.page) == (2, 2)
+    rows = w.page.locator("#tbody tr[data-id]").all_inner_texts()
+    i = next(i for i, t in enumerate(rows) if XSS in t)  # points are drawn in the table's order
+    with w.page.expect_navigation():
+        w.page.locator(f"#plot circle.pt[data-i='{i}']").click()
+    assert "/runs/cpu/digits/magnitude/" in w.page.url
+    text = w.page.locator("main").inner_text()
+    assert "bench reproduce results/cpu/digits/magnitude/" in text and "Detected machine" in text
+    assert XSS in text and "javascript:alert(1)" in text  # as text, never run, never a link
+    assert w.page.locator("a[href^='javascript']").count() == 0
+    w.page.locator("button[data-copy='reproduce']").click()
+    w.check_clean()
+    w.context.close()
+
+
+def test_home_and_method_pages(browser, results_tree: Path, tmp_path: Path):
+    site = build_site(results_tree, tmp_path / "site").out
+    w = Watched(browser)
+    w.goto((site / "index.html").as_uri())
+    assert w.page.locator(".card").count() == 1
+    w.page.select_option("#f-profile", "h100-bf16")
+    w.page.wait_for_function("location.hash.includes('profile=h100-bf16')")
+    assert w.page.locator(".profile-block:visible").count() == 1
+    w.page.reload()
+    assert w.page.locator("#f-profile").input_value() == "h100-bf16"
+    w.goto((site / "methods" / "magnitude.html").as_uri())
+    assert XSS in w.page.locator("main").inner_text()
+    w.check_clean()
+    w.context.close()
+
+
+@pytest.mark.slow
+def test_five_thousand_results_stay_usable(browser, tmp_path: Path):
+    """The task page with ~1,650 results per task: load and filter times, for the record."""
+    import time
+
+    from lb_synth import synthetic_tree
+
+    synthetic_tree(tmp_path / "results", 5000)
+    site = build_site(tmp_path / "results", tmp_path / "site").out
+    w = Watched(browser)
+    t0 = time.perf_counter()
+    w.goto((site / "tasks" / "digits.html").as_uri())
+    w.page.wait_for_selector("body[data-ready='1']")
+    load_s = time.perf_counter() - t0
+    n = counts(w.page)
+    t0 = time.perf_counter()
+    w.page.locator("#f-family input[value='pruning']").check()
+    w.page.wait_for_function("location.hash.includes('family=pruning')")
+    filter_s = time.perf_counter() - t0
+    print(f"\n5,000 results: task page with {n[0]} rows loaded in {load_s:.2f} s, a filter took {filter_s:.2f} s")
+    assert n[0] == n[1] > 700
+    assert load_s < 10 and filter_s < 5
+    w.check_clean()
+    w.context.close()
+
+
+@pytest.mark.skipif(os.environ.get("BENCH_DOCS_SCREENSHOT") != "1", reason="set BENCH_DOCS_SCREENSHOT=1 to refresh "
+                    "docs/leaderboard-task.png")
+def test_docs_screenshot(browser, tmp_path: Path):
+    from lb_synth import synthetic_tree
+
+    real = REPO / "results"
+    if not (real.is_dir() and any((real / "cpu" / "digits").rglob("*.json"))):
+        real = tmp_path / "results"  # no committed results yet: a synthetic tree
+        synthetic_tree(real, 45)
+    site = build_site(real, tmp_path / "site").out
+    w = Watched(browser, device_scale_factor=1)
+    w.goto((site / "tasks" / "digits.html").as_uri())
+    (REPO / "docs").mkdir(exist_ok=True)
+    w.page.screenshot(path=str(REPO / "docs" / "leaderboard-task.png"), full_page=True)
+    w.check_clean()
+    w.context.close()
