@@ -21,6 +21,10 @@ def _q(v: float, metric: str) -> str:
     return f"{v:.2%}" if "accuracy" in metric or "match" in metric else f"{v:.4g}"
 
 
+def _delta(v: float, metric: str) -> str:
+    return f"{v * 100:+.2f} pp" if "accuracy" in metric or "match" in metric else f"{v:+.4g}"
+
+
 def summary_table(r: Result, path: Path | None = None) -> Table:
     t = Table(title=f"{r.method.name} on {r.task.name} [{r.profile.name}] - {r.status}", show_header=True)
     t.add_column("")
@@ -31,12 +35,13 @@ def summary_table(r: Result, path: Path | None = None) -> Table:
         t.add_row("error", "", f"{r.error.type}: {r.error.message}", "")
     else:
         q, s, m, z, c = r.quality, r.speed, r.memory, r.size, r.cost
-        ci = f"[{_q(q.delta_interval.low, q.metric)}, {_q(q.delta_interval.high, q.metric)}]" if q.delta_interval else ""
-        t.add_row(q.metric, _q(q.reference_value, q.metric), _q(q.value, q.metric), f"{q.delta:+.4g} {ci}")
+        ci = f" [{_delta(q.delta_interval.low, q.metric)}, {_delta(q.delta_interval.high, q.metric)}]" \
+            if q.delta_interval else ""
+        t.add_row(q.metric, _q(q.reference_value, q.metric), _q(q.value, q.metric), _delta(q.delta, q.metric) + ci)
         if r.fidelity:
             t.add_row(r.fidelity.metric, "", f"{r.fidelity.value:.4g}", "")
         for ctl in r.controls:
-            t.add_row(f"control: {ctl.name}", "", _q(ctl.value, q.metric), f"method - control {q.value - ctl.value:+.4g}")
+            t.add_row(f"control: {ctl.name}", "", _q(ctl.value, q.metric), f"method - control {_delta(q.value - ctl.value, q.metric)}")
         t.add_row("time per call (median)", f"{s.reference.median_s * 1e3:.3f} ms", f"{s.method.median_s * 1e3:.3f} ms",
                   f"speedup {s.speedup:.3f}x [{s.interval.low:.3f}, {s.interval.high:.3f}] (n={s.reference.n})")
         t.add_row("peak memory", _bytes(m.reference_peak_bytes), _bytes(m.method_peak_bytes),

@@ -65,9 +65,11 @@ def student_without_teacher(task, ctx):
         return model.state_dict()
 
     state, _, _ = cache.cached_weights(path, build)
+    # its training time is kept beside the weights, so a cached control still reports what it cost
+    cost, _ = cache.cached_json(path.with_suffix(".cost.json"), lambda: {"seconds": seconds["value"]})
     model = task.build_student()
     model.load_state_dict(state)
-    return model, seconds["value"]
+    return model, cost["seconds"]
 
 
 @register_method("kd", family="distillation", paper="Hinton et al., Distilling the Knowledge in a Neural Network",

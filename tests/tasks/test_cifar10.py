@@ -228,7 +228,7 @@ def test_kd_smoke_run_end_to_end_with_tiny_models(cifar10_env, tmp_path, monkeyp
     monkeypatch.setattr(CIFAR10, "build_student", lambda self: tiny_cnn(4))
     record = run_kd(tmp_path)
     assert record["size"]["reference"]["parameters"] == n_params(tiny_cnn(16))
-    cached = list((tmp_path / "cache" / "tasks" / "cifar10" / "v1").glob("reference-smoke-*.safetensors"))
+    cached = list((tmp_path / "cache" / "tasks" / "cifar10" / "v1").glob("reference-*.safetensors"))
     assert len(cached) == 1  # a smoke reference is cached apart from the real one
 
 

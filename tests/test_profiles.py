@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+
+from bench.hardware import ProfileMismatch, detect_machine, match_profile
+from bench.profiles import load_profile, profile_names
+from bench.registry import RegistryError
+from bench.result import Machine
+
+
+def machine(**kw) -> Machine:
+    base = dict(cpu_model="Test CPU", cpu_count=16, arch="x86_64", os="Linux", cuda_available=False,
+                torch="2.14.1", torch_threads=2)
+    return Machine(**{**base, **kw})
+
+
+H100 = dict(cuda_available=True, gpu_name="NVIDIA H100 80GB HBM3", gpu_memory_gb=79.1, gpu_count=1)
+
+
+def test_required_profiles_exist():
+    assert {"cpu", "a100-bf16", "h100-bf16", "l4-fp16"} <= set(profile_names())
+
+
+@pytest.mark.parametrize("name", profile_names())
+def test_every_profile_validates(name):
+    p = load_profile(name)
+    assert p.name == name and p.timing.min_repeats <= p.timing.max_repeats
+    assert p.batch_for("image-classification") >= 1
+
+
+def test_cpu_profile_is_two_threads_fp32():
+    p = load_profile("cpu")
+    assert (p.device, p.dtype, p.threads) == ("cpu", "float32", 2)
+
+
+def test_unknown_profile_suggests():
+    with pytest.raises(RegistryError, match="h100-bf16"):
+        load_profile("h100")
+
+
+def test_cpu_profile_matches_a_cpu_machine():
+    assert match_profile(load_profile("cpu"), machine()) == []
+
+
+def test_gpu_profile_on_cpu_machine_mismatches():
+    problems = match_profile(load_profile("h100-bf16"), machine())
+    assert any("CUDA" in p for p in problems)
+
+
+def test_wrong_gpu_is_named():
+    problems = match_profile(load_profile("a100-bf16"), machine(**H100))
+    assert any("A100" in p and "H100" in p for p in problems)
+    assert match_profile(load_profile("h100-bf16"), machine(**H100)) == []
+
+
+def test_too_few_cpus():
+    assert any("threads" in p for p in match_profile(load_profile("cpu"), machine(cpu_count=1)))
+
+
+def test_detect_machine_reports_this_machine():
+    m = detect_machine()
+    assert m.cpu_count >= 1 and m.torch and m.cpu_model
+
+
+def test_strict_mismatch_is_an_error_and_writes_nothing(results_root):
+    from bench.runner import run
+
+    if detect_machine().cuda_available:
+        pytest.skip("this machine has a GPU; the mismatch below needs a CPU-only machine")
+    with pytest.raises(ProfileMismatch, match="CUDA"):
+        run("digits", "none", profile_name="h100-bf16", strict=True, results_root=results_root)
+    assert not results_root.exists()
