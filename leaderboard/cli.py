@@ -50,7 +50,7 @@ def build(results: ResultsOpt = Path("results"), out: OutOpt = Path("site"),
     skipped = f", {len(report.invalid)} invalid file(s) skipped" if report.invalid else ""
     _out.print(f"wrote {report.pages} pages to {out}/: {report.results} results ({report.ranked} ranked) on "
                f"{report.tasks} task(s){skipped}\nopen {out / 'index.html'} in a browser, or run "
-               f"`bench leaderboard serve --out {out}`", markup=False, highlight=False)
+               f"`bench leaderboard serve --out {out}`", markup=False, highlight=False, soft_wrap=True)
 
 
 def make_server(out: Path, port: int):

@@ -198,7 +198,7 @@
   }
 
   // ---- Pareto plot (SVG, log x) ------------------------------------------------------------------------
-  var MAXBARS = 400, W = 820, H = 420, ML = 70, MR = 20, MT = 16, MB = 50;
+  var MAXBARS = 400, W = 840, H = 420, ML = 90, MR = 20, MT = 16, MB = 50;
   function ticksLog(a, b) {
     var out = [], e, m, mult = [1, 2, 5];
     if (Math.log10(b / a) > 0.6) {
@@ -242,7 +242,7 @@
     g.push('<line class="refline" x1="' + X(1) + '" x2="' + X(1) + '" y1="' + MT + '" y2="' + (H - MB) + '"/>');
     g.push('<line class="refline" x1="' + ML + '" x2="' + (W - MR) + '" y1="' + Y(0) + '" y2="' + Y(0) + '"/>');
     g.push('<text class="axis" x="' + ((ML + W - MR) / 2) + '" y="' + (H - 10) + '" text-anchor="middle">speedup over the reference (log scale; right is faster)</text>');
-    g.push('<text class="axis" transform="translate(16 ' + ((MT + H - MB) / 2) + ') rotate(-90)" text-anchor="middle">Δ ' +
+    g.push('<text class="axis" transform="translate(14 ' + ((MT + H - MB) / 2) + ') rotate(-90)" text-anchor="middle">Δ ' +
            esc(D.metric) + ' vs reference (' + (D.hib ? 'up' : 'down') + ' is better)</text>');
     if (rows.length <= MAXBARS) rows.forEach(function (r) {
       var s = speedIv(r);

@@ -207,6 +207,7 @@ def test_docs_screenshot(browser, tmp_path: Path):
         synthetic_tree(real, 45)
     site = build_site(real, tmp_path / "site").out
     w = Watched(browser, device_scale_factor=1)
+    w.page.set_viewport_size({"width": 1560, "height": 1000})
     w.goto((site / "tasks" / "digits.html").as_uri())
     (REPO / "docs").mkdir(exist_ok=True)
     w.page.screenshot(path=str(REPO / "docs" / "leaderboard-task.png"), full_page=True)
