@@ -95,6 +95,15 @@ def run(
 
     warnings.showwarning = show_warning
     try:
+        from bench.registry import get_method_spec
+        from bench.scaffold import is_template
+
+        if is_template(get_method_spec(method)):
+            err.print(f"[yellow]warning:[/] {method!r} is still the generated template: it returns the reference "
+                      f"unchanged, and `bench check` refuses it and its results until it is edited", highlight=False)
+    except RegistryError:
+        pass  # the run below says so, with near matches
+    try:
         outcome = do_run(task, method, profile, seed, overrides, strict, results_dir, RichReporter(err),
                          budget=budget, argv=sys.argv)
     except (RegistryError, ConfigError, ProfileMismatch) as e:
@@ -185,6 +194,157 @@ def reference_build(
     out.print(f"{task}: sha256 {digest}\n  at {path}\n  "
               + ("matches the task's published reference" if canonical
                  else "differs from the task's published reference (results made on it will say so)"))
+
+
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="a sweep YAML file, e.g. sweeps/digits.yaml")],
+    executor: Annotated[Executor, typer.Option(help="local processes, or one Ray task per run")] = Executor.local,
+    jobs: Annotated[Optional[int], typer.Option(min=1, help="runs at a time (local, default 1); the CPUs of a "
+                                                           "local Ray (default: all)")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: start Ray here")] = None,
+    results_dir: Annotated[Path, typer.Option(help="root of the results tree")] = Path("results"),
+    budget: Annotated[Optional[str], typer.Option(help="override the file's budget: full or smoke")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="run again the runs whose last record is failed")] = False,
+    dry_run: Annotated[bool, typer.Option(help="list the runs and what would be skipped; run nothing")] = False,
+) -> None:
+    """Run a grid of (task, method, hyper-parameters, seed, profile), each run in its own process; a sweep
+    started again skips the runs that already have a record with the same config hash."""
+    import signal
+
+    from bench.executors import ExecutorError
+    from bench.sweep import SweepDisplay, SweepError, expand, load_sweep, plan, run_sweep, summary_table
+
+    if budget is not None and budget not in ("full", "smoke"):
+        _fail(f"--budget {budget!r} is not one of: full, smoke")
+    try:
+        spec = load_sweep(file)
+        if dry_run:
+            runs, notes = expand(spec, budget)
+            todo, skipped = plan(runs, results_dir, retry_failed)
+            for n in notes:
+                err.print(f"[yellow]note:[/] {n}", highlight=False)
+            for o in skipped:
+                out.print(f"skip  {o.spec.label()}  ({o.note}: {o.path})", highlight=False)
+            for r in todo:
+                out.print(f"run   {r.label()}  config {r.config_hash[:12]}", highlight=False)
+            out.print(f"{len(runs)} runs: {len(todo)} to run, {len(skipped)} skipped")
+            return
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl-C
+        try:
+            report = run_sweep(spec, results_dir, executor.value, jobs, retry_failed, budget, address,
+                               display=SweepDisplay(err))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except SweepError as e:
+        _fail(str(e))
+    except ExecutorError as e:
+        _fail(str(e))
+    out.print(summary_table(report))
+    for o in report.outcomes:
+        if o.status in ("failed", "error") and o.note:
+            err.print(f"[red]{o.status}[/] {o.spec.label()}:", highlight=False)
+            err.print(o.note, highlight=False, markup=False)
+    if report.interrupted:
+        err.print("[yellow]interrupted:[/] finished runs kept their records and nothing partial was written; "
+                  "run the same command again to do the rest", highlight=False)
+    raise typer.Exit(report.exit_code)
+
+
+class QualityRule(str, Enum):
+    exact = "exact"
+    interval = "interval"
+
+
+@app.command()
+def reproduce(
+    result: Annotated[Path, typer.Argument(help="a result JSON in a results tree")],
+    force: Annotated[bool, typer.Option(help="reproduce even when bench, task, method or package versions "
+                                            "differ (the differences are recorded)")] = False,
+    quality: Annotated[QualityRule, typer.Option(help="exact: equal for the fixed seed; interval: inside the "
+                                                     "record's interval (noisy metrics)")] = QualityRule.exact,
+    by: Annotated[Optional[str], typer.Option(help="who verifies (default: git user.name, else the login)")] = None,
+    speed_tolerance: Annotated[float, typer.Option(min=0, max=1, help="widen both speedup intervals by this "
+                                                                      "share before the overlap test (recorded)")] = 0.0,
+) -> None:
+    """Re-run a record's exact configuration, compare quality (exactly) and speed (intervals overlap), and on
+    success write <run-id>.verified.json beside it. Exit 1 on a mismatch, 2 when it refuses to run."""
+    import warnings
+
+    from bench.progress import RichReporter
+    from bench.reproduce import ReproduceRefused, checks_table, reproduce as do_reproduce, verification_path
+
+    warnings.showwarning = lambda message, *a, **k: err.print(f"[yellow]warning:[/] {message}", highlight=False)
+    try:
+        ok, checks, v, diffs = do_reproduce(result, force=force, quality_rule=quality.value, by=by,
+                                            reporter=RichReporter(err), speed_tolerance=speed_tolerance)
+    except ReproduceRefused as e:
+        _fail(f"not reproduced: {e}")
+    for d in diffs:
+        err.print(f"[yellow]forced past a version difference:[/] {d}", highlight=False)
+    out.print(checks_table(checks, f"Reproducing {result}"))
+    if not ok:
+        bad = [c.name for c in checks if not c.ok]
+        _fail(f"NOT verified: the re-run does not match the record ({', '.join(bad)}); nothing was written",
+              code=1)
+    out.print(f"[green]verified[/] by {v.verified_by} on {v.machine.cpu_model}: wrote {verification_path(result)}",
+              highlight=False)
+
+
+new_app = typer.Typer(no_args_is_help=True, help="Generate a new method from the project's template.")
+app.add_typer(new_app, name="new")
+
+
+@new_app.command("method")
+def new_method(
+    name: Annotated[str, typer.Argument(help="the method's name: lower case, digits and dashes, e.g. my-pruning")],
+    family: Annotated[str, typer.Option(help="distillation, caching, pruning or decoding")],
+    modality: Annotated[Optional[list[str]], typer.Option(help="a modality it supports; repeat "
+                                                                "(default image-classification)")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="the project root (default: found from here)")] = None,
+) -> None:
+    """Generate a working (identity) method, its test and a docs stub; `bench check` refuses it until edited."""
+    from bench.scaffold import ScaffoldError, new_method as generate
+
+    try:
+        g = generate(name, family, tuple(modality or ("image-classification",)), root)
+    except ScaffoldError as e:
+        _fail(str(e))
+    for f in g.files:
+        out.print(f"wrote {f}", highlight=False)
+    out.print(f"\n{name!r} is registered and runs, but it is the identity: edit {g.files[0].name} (apply, paper, "
+              f"summary, hyper-parameters), delete its BENCH_TEMPLATE line, then\n"
+              f"  python -m pytest {g.files[1]}\n  bench run --method {name} --task digits\n  bench check\n"
+              f"CONTRIBUTING.md walks through the rest.", highlight=False)
+
+
+@app.command()
+def check(
+    results_dir: Annotated[Path, typer.Option(help="root of the results tree")] = Path("results"),
+    base: Annotated[Optional[str], typer.Option(help="git ref the pull request is compared with (default: "
+                                                     "$BENCH_CHECK_BASE, origin/$GITHUB_BASE_REF, origin/main, main)")] = None,
+    all_methods: Annotated[bool, typer.Option("--all", help="smoke-run every method, not only new or changed "
+                                                            "ones")] = False,
+    smoke: Annotated[bool, typer.Option(help="smoke-run new or changed methods on the embedded tasks")] = True,
+    strict: Annotated[bool, typer.Option(help="hold results already on the base branch to every rule too")] = False,
+    jobs: Annotated[int, typer.Option(min=1, help="smoke runs at a time")] = 1,
+) -> None:
+    """What CI runs on a pull request: validate every result (schema, invariants, registries, config hash, clean
+    git state, profile), refuse template methods, smoke-run new or changed methods. Exit 1 on any error."""
+    from bench.check import print_report, run_check
+
+    try:
+        report = run_check(results_dir, base, all_methods, smoke, strict, jobs)
+    except ValueError as e:
+        _fail(str(e))
+    print_report(report, out)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 from leaderboard.cli import leaderboard_app, recommend  # noqa: E402 - light: typer and rich only

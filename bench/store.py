@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from bench.result import Result, invariant_errors
 
 DEFAULT_RESULTS = Path("results")
+VERIFIED_SUFFIX = ".verified.json"  # `bench reproduce` writes <run-id>.verified.json beside a result
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -86,11 +87,15 @@ def load_result(path: Path, results_root: Path | None = None, check_invariants: 
 
 
 def iter_result_files(root: Path) -> list[Path]:
-    """Every result JSON under `root` (a file is taken as itself), in a stable order."""
+    """Every result JSON under `root` (a file is taken as itself), in a stable order.
+
+    Verification records (`<run-id>.verified.json`, written by `bench reproduce` beside the result they verify)
+    are not results and are left out; so are hidden files (a write's temporary file)."""
     root = Path(root)
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*.json") if not p.name.startswith("."))
+    return sorted(p for p in root.rglob("*.json")
+                  if not p.name.startswith(".") and not p.name.endswith(VERIFIED_SUFFIX))
 
 
 def validate_tree(root: Path) -> tuple[list[Result], list[InvalidResult]]:
