@@ -128,7 +128,6 @@ def check_results(report: CheckReport, root: Path, is_new, strict: bool) -> None
     from bench.reproduce import load_verification
     from bench.scaffold import is_template
     from bench.store import InvalidResult, iter_result_files, load_result
-    from bench.sweep import record_budget
 
     if not root.is_dir():
         report.base_note += f"; no results folder at {root}"
@@ -179,7 +178,7 @@ def check_results(report: CheckReport, root: Path, is_new, strict: bool) -> None
         if r.status != "ok":
             report.add(level, where, f"a failed run ({r.error.type if r.error else 'no error'}): failed runs "
                                      f"are not submitted")
-        if record_budget(prov.command) != "full":
+        if r.budget != "full":
             report.add(level, where, "a --budget smoke run (capped training, for CI checks): the leaderboard "
                                      "takes full-budget runs only")
     for v in sorted(root.rglob("*" + VERIFIED_SUFFIX)):

@@ -201,7 +201,6 @@ def reproduce(path: Path, force: bool = False, quality_rule: str = "exact", by: 
     from bench.config import ConfigError
     from bench.registry import RegistryError
     from bench.runner import RunFailed, run
-    from bench.sweep import record_budget
 
     record = read_record(path)
     try:
@@ -211,7 +210,7 @@ def reproduce(path: Path, force: bool = False, quality_rule: str = "exact", by: 
     if diffs and not force:
         raise ReproduceRefused("the record was made with other versions, so its numbers need not repeat here:\n  "
                                + "\n  ".join(diffs) + "\n(--force reproduces anyway and records the differences)")
-    budget = record_budget(record.provenance.command)
+    budget = record.budget
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
         try:
             out = run(record.task.name, record.method.name, record.profile.name, record.seed,

@@ -173,6 +173,8 @@ class Result(_M):
     created_at: str
     status: Literal["ok", "failed"]
     seed: int
+    budget: Literal["full", "smoke"] = Field("full", description="'smoke' caps every training at a few steps "
+                                             "and shortens timing: a CI check, never a leaderboard result")
     task: TaskInfo
     method: MethodInfo
     profile: ProfileInfo

@@ -88,7 +88,7 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
     ctx = RunContext(profile=profile, seed=seed, progress=reporter, device=profile.device, dtype=profile.dtype,
                      batch_size=profile.batch_for(tspec.modality), budget=budget)
     common = dict(
-        run_id=run_id, created_at=now.isoformat(timespec="seconds"), seed=seed,
+        run_id=run_id, created_at=now.isoformat(timespec="seconds"), seed=seed, budget=budget,
         method=MethodInfo(name=mspec.name, family=mspec.family, version=mspec.version, hyperparameters=hparams,
                           paper=mspec.paper, year=mspec.year, url=mspec.url),
         profile=ProfileInfo(name=profile.name, device=profile.device, dtype=profile.dtype, threads=profile.threads,
@@ -118,6 +118,10 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
         raise RunFailed(result, path) from e
     path = write_result(result, results_root)
     return RunOutcome(result, path)
+
+
+# `--budget smoke` checks that a method runs, not how fast: a few short pairs instead of the profile's rules
+SMOKE_TIMING_RULES = dict(warmup=2, min_time_s=0.5, min_repeats=8, max_repeats=40)
 
 
 class RunFailed(RuntimeError):
@@ -154,7 +158,7 @@ def _measure(task, method, ref_w, ctx: RunContext) -> dict:
 
     ref_fn, items, unit = task.workload(reference, ctx)
     met_fn, _, _ = task.workload(subject, ctx)
-    rules = TimingRules(**ctx.profile.timing.model_dump())
+    rules = TimingRules(**(ctx.profile.timing.model_dump() if ctx.budget == "full" else SMOKE_TIMING_RULES))
     with ctx.progress.step("Timing reference and method, interleaved", total=rules.max_repeats) as advance:
         timing = paired_timing(ref_fn, met_fn, rules, cuda=ctx.device == "cuda", on_pair=lambda i, s: advance(1))
     ref_mem, measure = peak_memory(reference.model, ref_fn, ctx.device)

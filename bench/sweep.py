@@ -24,7 +24,6 @@ Executors live in `bench.executors`.
 
 from __future__ import annotations
 
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,20 +238,6 @@ def expand(sweep: SweepFile, budget: str | None = None) -> tuple[list[RunSpec], 
 
 # --- resuming ----------------------------------------------------------------------------------------------
 
-def record_budget(command: str) -> str:
-    """The budget a record was made with, read from its command line (the record has no field for it)."""
-    try:
-        argv = shlex.split(command)
-    except ValueError:
-        return "full"
-    for i, a in enumerate(argv):
-        if a == "--budget" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--budget="):
-            return a.split("=", 1)[1]
-    return "full"
-
-
 def existing_records(root: Path, runs: list[RunSpec]) -> dict[tuple[str, str], list[tuple[str, Path, Any]]]:
     """(config hash, budget) -> [(status, path, result)] for the valid records of the runs' folders."""
     from bench.store import InvalidResult, iter_result_files, load_result
@@ -267,7 +252,7 @@ def existing_records(root: Path, runs: list[RunSpec]) -> dict[tuple[str, str], l
                 r = load_result(p, Path(root))
             except InvalidResult:
                 continue  # an invalid file proves nothing was done; `bench validate` reports it
-            key = (r.provenance.config_hash, record_budget(r.provenance.command))
+            key = (r.provenance.config_hash, r.budget)
             found.setdefault(key, []).append((r.status, p, r))
     return found
 

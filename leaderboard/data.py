@@ -104,10 +104,11 @@ def to_row(r, rel: str, verified: bool) -> dict[str, Any]:
 
 
 def rows_of(loaded: Loaded) -> list[dict[str, Any]]:
-    """Rows of the records that can be ranked: status 'ok' with finite quality delta and speedup."""
+    """Rows of the records that can be ranked: full-budget, status 'ok', finite quality delta and speedup.
+    (A `--budget smoke` record is a CI check of capped training, never a leaderboard number.)"""
     rows = []
     for r, rel, verified in loaded.results:
-        if r.status != "ok":
+        if r.status != "ok" or r.budget != "full":
             continue
         row = to_row(r, rel, verified)
         if row["delta"] is None or row["speedup"] is None:
