@@ -59,6 +59,7 @@ def detect_machine() -> Machine:
         cuda_version=torch.version.cuda,
         torch=torch.__version__,
         torch_threads=torch.get_num_threads(),
+        load_average_1m=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     )
 
 
@@ -81,3 +82,12 @@ def match_profile(profile: Profile, machine: Machine) -> list[str]:
             problems.append(f"profile {profile.name!r} expects at least {exp.min_gpu_memory_gb} GB of GPU "
                             f"memory; found {machine.gpu_memory_gb}")
     return problems
+
+
+def busy_warning(machine: Machine) -> str | None:
+    """A warning when other work already loads the cores the timing will use."""
+    load = machine.load_average_1m
+    if load is not None and load > 0.5 * machine.cpu_count:
+        return (f"the machine is busy (1-minute load average {load} on {machine.cpu_count} CPUs): timings will be "
+                f"disturbed; the record keeps the load average")
+    return None

@@ -36,6 +36,8 @@ class Machine(_M):
     cuda_version: str | None = None
     torch: str
     torch_threads: int
+    load_average_1m: float | None = Field(None, description="the machine's 1-minute load average when the run "
+                                          "started: other work on the cores disturbs the timing")
 
 
 class TaskInfo(_M):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import __version__, cache, registry
 from bench.config import to_jsonable
-from bench.hardware import ProfileMismatch, detect_machine, match_profile
+from bench.hardware import ProfileMismatch, busy_warning, detect_machine, match_profile
 from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.provenance import config_hash, provenance
@@ -80,6 +80,8 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
     for m in mismatches:
         warnings.warn(f"profile mismatch: {m} (the result records it; --strict makes this an error)",
                       stacklevel=2)
+    if busy := busy_warning(machine):
+        warnings.warn(busy, stacklevel=2)
 
     cfg_hash = config_hash(tspec.name, tspec.version, mspec.name, mspec.version, hparams, profile.name, seed,
                            __version__)

@@ -70,3 +70,12 @@ def test_strict_mismatch_is_an_error_and_writes_nothing(results_root):
     with pytest.raises(ProfileMismatch, match="CUDA"):
         run("digits", "none", profile_name="h100-bf16", strict=True, results_root=results_root)
     assert not results_root.exists()
+
+
+def test_busy_machine_is_warned_about():
+    from bench.hardware import busy_warning
+
+    assert busy_warning(machine(cpu_count=2, load_average_1m=3.5)) and "3.5" in busy_warning(
+        machine(cpu_count=2, load_average_1m=3.5))
+    assert busy_warning(machine(cpu_count=2, load_average_1m=0.2)) is None
+    assert busy_warning(machine(load_average_1m=None)) is None
