@@ -87,7 +87,7 @@ def match_profile(profile: Profile, machine: Machine) -> list[str]:
 def busy_warning(machine: Machine) -> str | None:
     """A warning when other work already loads the cores the timing will use."""
     load = machine.load_average_1m
-    if load is not None and load > 0.5 * machine.cpu_count:
+    if load is not None and load > machine.cpu_count:  # back-to-back runs alone keep it near the thread count
         return (f"the machine is busy (1-minute load average {load} on {machine.cpu_count} CPUs): timings will be "
                 f"disturbed; the record keeps the load average")
     return None
