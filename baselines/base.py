@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 if TYPE_CHECKING:
     from bench.registry import MethodSpec
@@ -39,6 +39,9 @@ class Applied:
     cost: Cost = field(default_factory=Cost)
     controls: list[ControlResult] = field(default_factory=list)
     runtime_exploits_sparsity: bool = False  # True only if the timed runtime skips zero weights
+    # statistics of the method's own procedure (acceptance rate, mean accepted length, KV-cache tokens kept),
+    # called once, right after the runner has evaluated the returned subject: they describe the evaluation set
+    stats: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)

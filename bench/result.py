@@ -183,6 +183,9 @@ class Result(_M):
     quality: Quality | None = None
     fidelity: Fidelity | None = None
     controls: list[Control] = []
+    method_stats: dict[str, float] = Field(default_factory=dict, description="statistics of the method's own "
+                                           "procedure over the evaluation set, e.g. acceptance_rate, "
+                                           "mean_accepted_length (decoding), kv_tokens_kept (KV-cache policies)")
     speed: Speed | None = None
     memory: Memory | None = None
     size: Size | None = None

@@ -145,6 +145,7 @@ def _measure(task, method, ref_w, ctx: RunContext) -> dict:
     subject = applied.subject
     with ctx.progress.step(f"Evaluating {method.spec.name}"):
         met_eval = task.evaluate(subject, ctx)
+    method_stats = {k: float(v) for k, v in (applied.stats() if applied.stats else {}).items()}
 
     spec = task.spec
     quality = Quality(
@@ -175,6 +176,7 @@ def _measure(task, method, ref_w, ctx: RunContext) -> dict:
     c = applied.cost
     return dict(
         quality=quality, fidelity=Fidelity(metric=fid_metric, value=fid_value), controls=controls,
+        method_stats=method_stats,
         speed=Speed(unit=unit, items_per_call=items, reference=ArmTiming(**arm_summary(timing.reference_s)),
                     method=ArmTiming(**arm_summary(timing.method_s)), speedup=timing.speedup,
                     interval=_interval(timing.interval), synchronized=timing.synchronized),

@@ -7,9 +7,11 @@ with GSM8K's calculator annotations, one step a line, and a last line `#### <num
     answer:   "Mia has 14 + 9 = <<14+9=23>>23 shells now.\\n#### 23"
 
 Problems take one to three operations (+, -, x and exact division), from ten scenario families with several
-phrasings each, 40 names and 30 kinds of objects. All numbers are non-negative integers below 10,000, and
-one factor of every product is at most 12, so a small model can learn the arithmetic. The splits are fixed
-by `SEED`: `TEST_SIZE` test problems, then `TRAIN_SIZE` training problems whose questions never occur in the
+phrasings each, 40 names and 30 kinds of objects. Operands are small (a product is a times-table fact up
+to 12 x 12, or a number up to 50 times 2, 3 or 4; every result is below 300), so a model
+of a few million parameters trained for minutes on a CPU learns the arithmetic: version 1 used numbers up to
+10,000 and a 2.7M-parameter model reached only 20% exact match, nearly all of its errors wrong results of
+correctly copied operands. The splits are fixed by `SEED`: `TEST_SIZE` test problems, then `TRAIN_SIZE` training problems whose questions never occur in the
 test split (disjoint by question text). Pure Python (`random.Random`), so the same seed gives the same bytes
 on every machine and Python version that keeps `random`'s documented generator.
 """
@@ -25,7 +27,7 @@ from typing import Callable
 SEED = 0
 TRAIN_SIZE = 20_000
 TEST_SIZE = 500
-GENERATOR_VERSION = "1"  # bump with any change to what the generator emits
+GENERATOR_VERSION = "2"  # bump with any change to what the generator emits
 
 NAMES = [("Mia", "she"), ("Liam", "he"), ("Ava", "she"), ("Noah", "he"), ("Emma", "she"), ("Omar", "he"),
          ("Zoe", "she"), ("Ethan", "he"), ("Lily", "she"), ("Lucas", "he"), ("Chloe", "she"), ("Mason", "he"),
@@ -86,19 +88,19 @@ def _change(rng: random.Random, n_ops: int):
     name, pron = _person(rng)
     other, _ = _person(rng, name)
     obj = rng.choice(OBJECTS)
-    total = rng.randint(5, 60)
+    total = rng.randint(5, 40)
     sentences = [rng.choice([f"{name} has {total} {obj}.", f"{name} starts with {total} {obj}.",
                              f"{name} collected {total} {obj}."])]
     lines = []
     kinds = ["gain", "lose", "times", "split"]
     for i in range(n_ops):
-        kind = rng.choice(kinds if total <= 400 else ["gain", "lose", "split"])
+        kind = rng.choice(kinds if total <= 30 else ["gain", "lose", "split"])
         k = _divisor(rng, total) if kind == "split" else None
         if kind == "split" and k is None or kind == "lose" and total < 2:
             kind = "gain"
         p = pron.capitalize()
         if kind == "gain":
-            b = rng.randint(2, 60)
+            b = rng.randint(2, 30)
             sentences.append(rng.choice([f"{p} finds {b} more {obj}.", f"{other} gives {name} {b} {obj}.",
                                          f"Then {pron} buys {b} more {obj}."]))
             s = Step(total, "+", b)
@@ -110,7 +112,7 @@ def _change(rng: random.Random, n_ops: int):
             s = Step(total, "-", b)
             lines.append(s.text(f"{name} has", f" {obj} left after losing {b}."))
         elif kind == "times":
-            k = rng.randint(2, 4)
+            k = rng.randint(2, 3)
             word = {2: "doubles", 3: "triples", 4: "grows to 4 times its size"}[k]
             sentences.append(f"Then the number of {obj} {pron} has {word}.")
             s = Step(total, "*", k)
@@ -129,20 +131,20 @@ def _change(rng: random.Random, n_ops: int):
 def _shopping(rng: random.Random, n_ops: int):
     name, pron = _person(rng)
     (s1, p1), (s2, p2) = rng.sample(ITEMS, 2)
-    a, pa = rng.randint(2, 12), rng.randint(2, 40)
+    a, pa = rng.randint(2, 9), rng.randint(2, 12)
     cost_a = Step(a, "*", pa)
     lines = [cost_a.text(f"The {p1} cost", f" dollars.")]
     if n_ops == 1:
         q = f"{name} buys {a} {p1} for ${pa} each. How much does {pron} spend in dollars?"
         return q, lines, cost_a.r
     if n_ops == 2:
-        paid = cost_a.r + rng.randint(1, 99)
+        paid = cost_a.r + rng.randint(1, 50)
         change = Step(paid, "-", cost_a.r)
         lines.append(change.text(f"{name} gets back", " dollars in change."))
         q = (f"{name} buys {a} {p1} that cost ${pa} each. {pron.capitalize()} pays with ${paid}. "
              f"How much change does {pron} get in dollars?")
         return q, lines, change.r
-    b, pb = rng.randint(2, 12), rng.randint(2, 40)
+    b, pb = rng.randint(2, 9), rng.randint(2, 12)
     cost_b = Step(b, "*", pb)
     total = Step(cost_a.r, "+", cost_b.r)
     lines += [cost_b.text(f"The {p2} cost", " dollars."), total.text(f"{name} spends", " dollars in total.")]
@@ -156,13 +158,13 @@ def _rate(rng: random.Random, n_ops: int):
     unit, verb, what = rng.choice([("pages", "reads", "read"), ("miles", "runs", "run"),
                                    ("laps", "swims", "swim"), ("words", "writes", "write"),
                                    ("cups", "sells", "sell")])
-    per, days = rng.randint(3, 60), rng.randint(2, 12)
+    per, days = rng.randint(3, 12), rng.randint(2, 9)
     s = Step(per, "*", days)
     lines = [s.text(f"{name} {verb}", f" {unit} in {days} days.")]
     q = f"{name} {verb} {per} {unit} every day for {days} days."
     value = s.r
     if n_ops >= 2:
-        extra = rng.randint(2, 90)
+        extra = rng.randint(2, 40)
         t = Step(s.r, "+", extra)
         q += f" On the last day {pron} also {verb} {extra} extra {unit}."
         lines.append(t.text(f"{name} {verb}", f" {unit} in all."))
@@ -173,7 +175,7 @@ def _rate(rng: random.Random, n_ops: int):
 
 def _rows(rng: random.Random, n_ops: int):
     place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
-    rows, per = rng.randint(2, 12), rng.randint(3, 30)
+    rows, per = rng.randint(2, 9), rng.randint(3, 12)
     s = Step(rows, "*", per)
     lines = [s.text("There are", f" {obj} in the {place}.")]
     q = f"The {place} has {rows} rows of {obj} with {per} {obj} in each row."
@@ -196,12 +198,12 @@ def _sharing(rng: random.Random, n_ops: int):
     obj = rng.choice(OBJECTS)
     k = rng.randint(2, 9)
     if n_ops == 1:
-        each = rng.randint(2, 40)
+        each = rng.randint(2, 12)
         total = k * each
         q = f"{name} shares {total} {obj} equally among {k} friends. How many {obj} does each friend get?"
         s = Step(total, "/", k)
         return q, [s.text("Each friend gets", f" {obj}.")], s.r
-    has, each = rng.randint(3, 80), rng.randint(2, 40)
+    has, each = rng.randint(3, 50), rng.randint(2, 12)
     total = k * each
     if total <= has:
         total = has + k - has % k
@@ -216,13 +218,13 @@ def _sharing(rng: random.Random, n_ops: int):
 def _compare(rng: random.Random, n_ops: int):
     (n1, _), obj = _person(rng), rng.choice(OBJECTS)
     n2, _ = _person(rng, n1)
-    a = rng.randint(4, 90)
+    a = rng.randint(4, 50)
     if rng.random() < 0.5:
-        b = rng.randint(2, 50)
+        b = rng.randint(2, 40)
         s = Step(a, "+", b)
         q = f"{n1} has {a} {obj}. {n2} has {b} more {obj} than {n1}."
     else:
-        k = rng.randint(2, 6)
+        k = rng.randint(2, 4)
         s = Step(a, "*", k)
         q = f"{n1} has {a} {obj}. {n2} has {k} times as many {obj} as {n1}."
     lines = [s.text(f"{n2} has", f" {obj}.")]
@@ -235,7 +237,7 @@ def _compare(rng: random.Random, n_ops: int):
         n3, _ = _person(rng, n1)
         while n3 == n2:
             n3, _ = _person(rng, n1)
-        c = rng.randint(2, 40)
+        c = rng.randint(2, 30)
         u = Step(t.r, "+", c)
         q = q.replace(" How many", f" {n1} and {n2} get {c} more {obj} from {n3}. How many")
         lines.append(u.text("With the gift they have", f" {obj}."))
@@ -259,7 +261,7 @@ def _age(rng: random.Random, n_ops: int):
 
 def _savings(rng: random.Random, n_ops: int):
     name, pron = _person(rng)
-    per, weeks = rng.randint(3, 50), rng.randint(2, 12)
+    per, weeks = rng.randint(3, 12), rng.randint(2, 9)
     s = Step(per, "*", weeks)
     lines = [s.text(f"{name} saves", " dollars.")]
     q = f"{name} saves ${per} every week for {weeks} weeks."
@@ -272,7 +274,7 @@ def _savings(rng: random.Random, n_ops: int):
         lines.append(t.text(f"{name} has", " dollars left."))
         value = t.r
         if n_ops == 3:
-            gift = rng.randint(2, 50)
+            gift = rng.randint(2, 30)
             u = Step(t.r, "+", gift)
             q += f" {pron.capitalize()} gets ${gift} as a gift."
             lines.append(u.text(f"{name} then has", " dollars."))
@@ -286,7 +288,7 @@ def _savings(rng: random.Random, n_ops: int):
 def _boxes(rng: random.Random, n_ops: int):
     name, pron = _person(rng)
     cont, obj = rng.choice(CONTAINERS), rng.choice(OBJECTS)
-    n, per = rng.randint(2, 12), rng.randint(4, 48)
+    n, per = rng.randint(2, 9), rng.randint(4, 12)
     s = Step(n, "*", per)
     lines = [s.text(f"The {cont} hold", f" {obj}.")]
     q = f"{name} has {n} {cont} with {per} {obj} in each."
@@ -310,13 +312,13 @@ def _boxes(rng: random.Random, n_ops: int):
 
 def _distance(rng: random.Random, n_ops: int):
     name, pron = _person(rng)
-    speed, hours = rng.randint(5, 70), rng.randint(2, 9)
+    speed, hours = rng.randint(4, 12), rng.randint(2, 9)
     s = Step(speed, "*", hours)
     lines = [s.text(f"{name} drives", " miles first.")]
     q = f"{name} drives at {speed} miles per hour for {hours} hours."
     value = s.r
     if n_ops >= 2:
-        more = rng.randint(3, 120)
+        more = rng.randint(3, 60)
         t = Step(s.r, "+", more)
         q += f" Then {pron} drives {more} more miles."
         lines.append(t.text(f"{name} drives", " miles in all."))
@@ -358,6 +360,22 @@ def generate(seed: int = SEED, n_test: int = TEST_SIZE, n_train: int = TRAIN_SIZ
             seen.add(p["question"])
             train.append(p)
     return train, test
+
+
+def drills(n_lines: int, seed: int = SEED, per_line: int = 10) -> list[str]:
+    """Arithmetic drill lines for training: `per_line` calculator annotations (`<<48+24=72>>72`) separated by
+    spaces, taken from the steps of fresh problems (so they follow the problems' own distribution of
+    operations and operands), from a stream of their own. A step costs about 10 tokens here against about 45
+    inside a word problem, so drills teach the arithmetic for a quarter of the compute."""
+    rng = random.Random(f"drills-{seed}")
+    steps: list[str] = []
+    lines: list[str] = []
+    while len(lines) < n_lines:
+        steps += [m.group(0) + m.group(2) for m in ANNOTATION.finditer(problem(rng)["answer"])]
+        if len(steps) >= per_line:
+            lines.append(" ".join(steps[:per_line]))
+            steps = steps[per_line:]
+    return lines
 
 
 FINAL = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval's gsm8k "strict-match" pattern
