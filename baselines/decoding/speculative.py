@@ -4,7 +4,7 @@ Language Model Decoding with Speculative Sampling", arXiv:2302.01318).
 
 A small draft model M_q proposes gamma tokens; the target M_p scores all of them in one forward pass; a
 rejection-sampling rule keeps a prefix of them and corrects the first rejected one, so that the output is
-distributed exactly as sampling from M_p alone (Leviathan et al., Theorem 3.5 / appendix A.1). One iteration,
+distributed exactly as sampling from M_p alone (Leviathan et al., appendix A.1; Chen et al., Theorem 1). One iteration,
 from the prefix x_{<t} (`SpeculativeDecoder.generate`):
 
     draft      q_i = M_q( . | x_{<t}, x~_1 .. x~_{i-1}),  x~_i ~ q_i,  i = 1..gamma      (`_draft`, KV-cached)
@@ -17,7 +17,7 @@ from the prefix x_{<t} (`SpeculativeDecoder.generate`):
     roll back  both KV caches are cut to the accepted prefix x_{<t}, x~_1..x~_n        (`_rollback`)
 
 With a per-token acceptance rate alpha, the expected number of tokens per target pass is
-(1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al., eq. 1); `mean_accepted_length` in the stats measures it.
+(1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al., section 3); `mean_accepted_length` in the stats measures it.
 
 p and q are the *same processing* of each model's logits (`processed_probs`: temperature, then top-k), or the
 output follows the processed target only approximately. Temperature 0 is greedy decoding: p and q are one-hot
