@@ -1,0 +1,71 @@
+"""Benchmark (run with `pytest --benchmark-only tests/benchmarks/test_caching_speed.py -s`): each diffusion caching
+method's measured speedup over the reference sampler, next to the ideal speedup its compute implies.
+
+The digits-gen denoisers (UNet2DModel and DiTTransformer2DModel at the tasks' sizes; random weights, since speed
+does not depend on them) in the tasks' own loop: DDIM, 50 steps, a batch of 16. Per method: the paired timing
+ratio (bench.timing, interleaved), the MAC ratio (bench.measure.count_macs: what the runner records, so the
+ideal speedup) and the full-NFE ratio. On small models on a CPU the measured speedup falls short of the MAC
+ratio (per-call overhead, the part of every step caching cannot skip); the caching papers report both for
+that reason. Checked loosely: the ideal speedup is not below 1 (first-block-cache is dynamic and may skip
+nothing on random weights) and the measured one is positive.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.timing import TimingRules, paired_timing
+
+CASES = [  # (backbone, method, overrides): each method's defaults unless a hook needs a setting to do anything
+    ("unet", "deepcache", {}),
+    ("unet", "pab", {}),
+    ("dit", "fora", {}),
+    ("dit", "toca", {}),
+    ("dit", "taylorseer", {}),
+    ("dit", "diffusers-taylorseer", {}),
+    ("dit", "first-block-cache", {"threshold": "0.1"}),
+    ("dit", "pab", {}),
+    ("dit", "fastercache", {}),
+]
+
+
+def _subject(backbone: str):
+    import torch
+
+    from tasks import diffusion
+    from tasks.base import Subject
+
+    torch.set_num_threads(1)
+    model = (diffusion.build_unet() if backbone == "unet" else diffusion.build_dit()).eval()
+    return Subject(model, "image-generation", diffusion.sampling_extra(backbone))
+
+
+@pytest.mark.parametrize("backbone, name, overrides", CASES, ids=[f"{b}-{m}" for b, m, _ in CASES])
+def test_caching_speedup(benchmark, backbone, name, overrides):
+    from bench import registry
+    from bench.measure import count_macs
+    from tasks.diffusion import eval_inputs, sample
+
+    reference = _subject(backbone)
+    applied = registry.create_method(name, overrides).apply(reference, None, None)
+    noise, labels = eval_inputs(16, 10_000)
+
+    def ref_fn():
+        return sample(reference, noise, labels)
+
+    def met_fn():
+        return sample(applied.subject, noise, labels)
+
+    ref_macs, met_macs = count_macs(ref_fn), count_macs(met_fn)
+    stats = applied.stats()  # of the counted call: one batch
+    calls = stats.get("nfe_full", 0) + stats.get("nfe_partial", 0)
+    rules = TimingRules(warmup=1, min_time_s=5.0, min_repeats=5, max_repeats=20)
+    t = benchmark.pedantic(paired_timing, args=(ref_fn, met_fn, rules), rounds=1, iterations=1)
+    ideal_macs = ref_macs / met_macs
+    ideal_nfe = calls / stats["nfe_full"] if stats.get("nfe_full") else float("nan")
+    benchmark.extra_info.update(measured_speedup=t.speedup, low=t.interval[0], high=t.interval[1],
+                                mac_ratio=ideal_macs, nfe_ratio=ideal_nfe, pairs=t.n)
+    print(f"\n{backbone:4s} {name:22s} measured {t.speedup:5.2f}x [{t.interval[0]:.2f}, {t.interval[1]:.2f}]  "
+          f"ideal (MACs) {ideal_macs:5.2f}x  full-NFE ratio {ideal_nfe:5.2f}x")
+    assert ideal_macs >= 0.999
+    assert t.speedup > 0
