@@ -116,7 +116,7 @@ def lookahead_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: in
     counters.calls += 1
     while len(out) < max_new_tokens:
         c = feed[-1]
-        cands = pool.get(c, [])
+        cands = list(pool.get(c, ()))  # a copy: the pool update below may change the bucket
         rel, allow = _branches(w, n, len(cands))
         f = len(feed)
         tokens = feed + level0 + [t for lv in levels for t in lv] + [t for cand in cands for t in cand]
