@@ -112,3 +112,15 @@ def test_final_answer():
     assert final_answer("x = <<1+2=3>>3\n#### 3") == "3"
     assert final_answer("#### 1,234") == "1234"
     assert final_answer("no answer") is None
+
+
+def test_drills_are_correct_deterministic_and_disjoint_from_the_problem_stream():
+    from tasks.arith_data import drills
+
+    lines = drills(50)
+    assert lines == drills(50) and len(lines) == 50
+    for line in lines:
+        steps = list(ANNOTATION.finditer(line))
+        assert len(steps) == 10
+        for m in steps:
+            assert eval(m.group(1).replace("/", "//")) == int(m.group(2))  # noqa: S307 - digits and + - * / only

@@ -1,0 +1,274 @@
+"""Shared machinery of the causal-LM tasks: tokenizer, Llama-style models, training, greedy generation.
+
+Module scope stays torch- and transformers-free (see `bench.registry`); everything heavy is imported inside
+functions.
+
+Prompt format (GSM8K's in lm-eval): the prompt is `Question: <question>\\nAnswer:` and the completion is
+`" " + answer` followed by the end-of-text token. Training puts the loss on the completion only.
+
+The generation hook: a subject's greedy decoding goes through `generate_ids(subject, input_ids, ...)`, which
+calls `subject.extra["generate"]` when a method has set one (speculative decoding, a KV-cache policy, ...)
+and `model.generate` otherwise; both the lm-eval evaluation and the timed workload use it, so a method that
+changes the decoding procedure is measured by the same code as the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+from tasks.base import RunContext, Subject
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+PAD = "<pad>"
+PROMPT = "Question: {question}\nAnswer:"
+SMOKE_STEPS = 20  # optimiser steps of any training under `--budget smoke`, as for the image tasks
+
+
+def prompt_of(question: str) -> str:
+    return PROMPT.format(question=question)
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> "PreTrainedTokenizerFast":
+    """Byte-level BPE (GPT-2's byte alphabet, so any text round-trips exactly) with every digit its own token:
+    numbers are spelled digit by digit, which is what makes arithmetic learnable by a small model. The
+    trainer is deterministic: the same texts give the same tokenizer.json, byte for byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return wrap_tokenizer(tok)
+
+
+def wrap_tokenizer(tok) -> "PreTrainedTokenizerFast":
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=None,
+                                   unk_token=None, clean_up_tokenization_spaces=False, model_max_length=512)
+
+
+def load_tokenizer(path: Path) -> "PreTrainedTokenizerFast":
+    """The tokenizer from a `tokenizer.json` file (the project's tokenizers are all in that one file)."""
+    from tokenizers import Tokenizer
+
+    return wrap_tokenizer(Tokenizer.from_file(str(path)))
+
+
+def tokenizer_json(tok: "PreTrainedTokenizerFast") -> str:
+    """The canonical serialisation that is hashed and published."""
+    return tok.backend_tokenizer.to_str(pretty=True) + "\n"
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LMArch:
+    """A Llama-style decoder (RoPE, RMSNorm, SwiGLU), untied embeddings so weights save without sharing."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_positions: int = 256
+
+    def config(self, tok: "PreTrainedTokenizerFast"):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(vocab_size=len(tok), hidden_size=self.hidden, intermediate_size=self.intermediate,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           num_key_value_heads=self.heads, max_position_embeddings=self.max_positions,
+                           tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, bos_token_id=None)
+
+
+def build_lm(arch: LMArch, tok: "PreTrainedTokenizerFast", seed: int = 0) -> "PreTrainedModel":
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation that leaves the run's generator alone
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(arch.config(tok))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LMRecipe:
+    epochs: float  # passes over the training split (fractions allowed)
+    lr: float  # AdamW peak learning rate: linear warm-up, then cosine to zero
+    batch_size: int
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    clip: float = 1.0
+
+
+@dataclass
+class TrainStats:
+    seconds: float = 0.0
+    steps: int = 0
+    samples_seen: int = 0
+    final_loss: float = float("nan")
+
+
+Example = tuple[list[int], list[int]]  # (token ids, labels: the id where the loss applies, else -100)
+
+
+def encode_examples(tok: "PreTrainedTokenizerFast", prompts: Sequence[str], completions: Sequence[str]) -> list[Example]:
+    """Prompt + " " + completion + EOS, with the loss on the completion and EOS only."""
+    p_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+    c_ids = tok([" " + c for c in completions], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, c in zip(p_ids, c_ids):
+        ids = p + c + [tok.eos_token_id]
+        out.append((ids, [-100] * len(p) + ids[len(p):]))
+    return out
+
+
+def encode_spans(tok: "PreTrainedTokenizerFast", texts: Sequence[str],
+                 spans: Sequence[Sequence[tuple[int, int]]]) -> list[Example]:
+    """Texts with the loss only on the tokens that end inside the given character spans."""
+    enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        labels = [t if any(a < end <= b for a, b in sp) else -100 for t, (_, end) in zip(ids, offsets)]
+        out.append((ids, labels))
+    return out
+
+
+def _batches(lengths: list[int], batch_size: int, gen: "torch.Generator") -> list[list[int]]:
+    """One epoch of batches: shuffled, then sorted by length within windows of 50 batches (less padding),
+    then the batches shuffled again. Deterministic for the generator's state."""
+    import torch
+
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    window = 50 * batch_size
+    batches = []
+    for w in range(0, len(perm), window):
+        chunk = sorted(perm[w:w + window], key=lambda i: (lengths[i], i))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
+
+
+def collate(examples: list[Example], idx: list[int], pad_id: int):
+    """(input_ids, attention_mask, labels) right-padded; labels are -100 where there is no loss."""
+    import torch
+
+    n = max(len(examples[i][0]) for i in idx)
+    ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), n), dtype=torch.long)
+    labels = torch.full((len(idx), n), -100, dtype=torch.long)
+    for row, i in enumerate(idx):
+        seq, lab = examples[i]
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+        labels[row, :len(seq)] = torch.tensor(lab)
+    return ids, mask, labels
+
+
+def completion_loss(logits: "torch.Tensor", labels: "torch.Tensor") -> "torch.Tensor":
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def fit_lm(model: "PreTrainedModel", examples: list[Example], recipe: LMRecipe, ctx: RunContext,
+           seed: int, description: str, pad_id: int,
+           loss_fn: Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+           | None = None) -> TrainStats:
+    """Train `model` in place (AdamW, warm-up + cosine, gradient clipping), deterministically for `seed`.
+
+    `loss_fn(logits, input_ids, attention_mask, labels)` replaces the completion cross-entropy
+    (distillation passes its own). Under `--budget smoke` training stops after `SMOKE_STEPS` steps."""
+    import math
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    model.to(ctx.device).train()
+    lengths = [len(e[0]) for e in examples]
+    per_epoch = math.ceil(len(examples) / recipe.batch_size)
+    total = max(1, round(recipe.epochs * per_epoch))
+    if ctx.budget != "full":
+        total = min(total, SMOKE_STEPS)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
+    warm = min(recipe.warmup_steps, max(1, total // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    stats = TrainStats()
+    t0 = time.perf_counter()
+    queue: list[list[int]] = []
+    running = None
+    with ctx.progress.step(description, total=total) as advance:
+        while stats.steps < total:
+            if not queue:
+                queue = _batches(lengths, recipe.batch_size, gen)
+            idx = queue.pop(0)
+            ids, mask, labels = (t.to(ctx.device) for t in collate(examples, idx, pad_id))
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = completion_loss(logits, labels) if loss_fn is None else loss_fn(logits, ids, mask, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
+            opt.step()
+            sched.step()
+            value = loss.detach().item()
+            running = value if running is None else 0.98 * running + 0.02 * value
+            stats.steps += 1
+            stats.samples_seen += len(idx)
+            advance(1)
+    stats.seconds = time.perf_counter() - t0
+    stats.final_loss = float(running) if running is not None else float("nan")
+    model.eval()
+    return stats
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+
+def generate_ids(subject: Subject, input_ids: "torch.Tensor", max_new_tokens: int,
+                 attention_mask: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """Greedy continuation of `input_ids` (left-padded when `attention_mask` is given), prompt included,
+    stopping at EOS. `subject.extra["generate"](subject, input_ids, max_new_tokens, attention_mask)`, when a
+    method sets it, replaces `model.generate`."""
+    hook = subject.extra.get("generate")
+    if hook is not None:
+        return hook(subject, input_ids, max_new_tokens, attention_mask)
+    tok = subject.extra["tokenizer"]
+    if attention_mask is None:
+        import torch
+
+        attention_mask = torch.ones_like(input_ids)
+    return subject.model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
+                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+
+
+def completion_tokens(output: "torch.Tensor", prompt_len: int, eos_id: int) -> list[int]:
+    """The generated tokens of a batch-1 output, up to and including the first EOS."""
+    out = output[0, prompt_len:].tolist()
+    return out[:out.index(eos_id) + 1] if eos_id in out else out

@@ -1,0 +1,191 @@
+"""Exact match through lm-eval (EleutherAI's LM Evaluation Harness), offline, on a local GSM8K-style task.
+
+`write_task(folder, name, rows)` writes the test rows as JSON lines and a task YAML beside them in the style
+of lm-eval's own `gsm8k.yaml` (same prompt, target, stop strings, exact-match normalisation and the two
+filters), but zero-shot and pointing at the local file through `dataset_path: json`. The same folder works
+from the command line:
+
+    lm_eval --model hf --model_args pretrained=tasks/artifacts/arith/reference,tokenizer=tasks/artifacts/arith/tokenizer \\
+            --include_path <folder> --tasks arith --device cpu --batch_size 1
+
+`evaluate(subject, folder, name)` runs `lm_eval.simple_evaluate` on the subject's model as an in-memory
+`HFLM` at batch 1, with a subclass whose `_model_generate` goes through the subject's generation procedure
+(`tasks.lm.generate_ids`, so decoding methods are evaluated by their own procedure) and records the
+generated token ids. The metric is the `strict-match` filter's exact match (the number after `#### `).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from tasks.base import Subject
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FILTER = "strict-match"  # lm-eval gsm8k's regex on `#### <n>`; "flexible-extract" takes the last number
+MAX_GEN_TOKS = 160  # the longest arith answer is about 110 tokens
+
+TASK_YAML = """\
+# An lm-eval task in the style of lm-eval's gsm8k.yaml (same prompt, target, stop strings, metric and
+# filters), zero-shot, on local JSON lines. Written by bench (tasks/lm_harness.py); do not edit.
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+  cache_dir: {hf_cache}
+output_type: generate_until
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: " "
+num_fewshot: 0
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: false
+    regexes_to_ignore:
+      - ","
+      - "\\\\$"
+      - "(?s).*#### "
+      - "\\\\.$"
+generation_kwargs:
+  until:
+    - "Question:"
+    - "</s>"
+    - "<|im_end|>"
+  do_sample: false
+  temperature: 0.0
+  max_gen_toks: {max_gen_toks}
+repeats: 1
+filter_list:
+  - name: "strict-match"
+    filter:
+      - function: "regex"
+        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
+      - function: "take_first"
+  - name: "flexible-extract"
+    filter:
+      - function: "regex"
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
+      - function: "take_first"
+metadata:
+  version: 1.0
+"""
+
+
+def write_task(folder: Path, name: str, rows: list[dict], max_gen_toks: int = MAX_GEN_TOKS) -> Path:
+    """Write `<folder>/test.jsonl` and `<folder>/<name>.yaml` (atomically); return the folder."""
+    from bench.store import atomic_write_text
+
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "test.jsonl"
+    atomic_write_text(data, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    yaml = TASK_YAML.format(name=name, data_file=json.dumps(str(data)), hf_cache=json.dumps(str(folder / "hf")),
+                            max_gen_toks=max_gen_toks)
+    atomic_write_text(folder / f"{name}.yaml", yaml)
+    return folder
+
+
+@dataclass
+class HarnessResult:
+    value: float  # lm-eval's exact match (strict-match filter)
+    stderr: float  # lm-eval's own standard error of that mean
+    per_example: "np.ndarray"  # 0/1 per test document, in document order
+    generated: list[list[int]]  # generated token ids per document (EOS included when emitted)
+    texts: list[str]  # lm-eval's decoded responses, per document
+    raw: dict  # lm-eval's results entry for the task
+
+
+@contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """lm-eval may touch the global generators; the run's own random state must not depend on whether the
+    reference's evaluation came from the cache."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+def _lm_class():
+    from lm_eval.models.huggingface import HFLM
+
+    from tasks.lm import generate_ids
+
+    class SubjectLM(HFLM):
+        """HFLM over a bench `Subject`: generation goes through the subject's procedure and is recorded."""
+
+        def __init__(self, subject: Subject, **kwargs):
+            self.subject = subject
+            self.generated: dict[tuple[int, ...], list[int]] = {}
+            tok = subject.extra["tokenizer"]
+            super().__init__(pretrained=subject.model, tokenizer=tok, batch_size=1,
+                             max_length=subject.model.config.max_position_embeddings, **kwargs)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            if self.subject.extra.get("generate") is None:
+                out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            else:  # a method's own decoding procedure: greedy until EOS; lm-eval cuts at `stop` afterwards
+                out = generate_ids(self.subject, context, max_length - context.shape[1])
+            eos = self.tokenizer.eos_token_id
+            for row in range(context.shape[0]):
+                ids = out[row, context.shape[1]:].tolist()
+                self.generated[tuple(context[row].tolist())] = ids[:ids.index(eos) + 1] if eos in ids else ids
+            return out
+
+    return SubjectLM
+
+
+def evaluate(subject: Subject, folder: Path | None, name: str, limit: int | None = None,
+             config: dict | None = None) -> HarnessResult:
+    """lm-eval's exact match of `subject` on the first `limit` documents (all when None) of the task `name` in
+    `folder`; or, with `config`, of that inline lm-eval task config (`tasks.gsm8k` passes lm-eval's own
+    gsm8k.yaml, whose data may come from the hub, so nothing is forced offline then; `folder` is None)."""
+    import logging
+
+    import numpy as np
+
+    if config is None:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    for log in ("lm-eval", "lm_eval", "datasets"):
+        logging.getLogger(log).setLevel(logging.ERROR)
+    lm = _lm_class()(subject)
+    manager = TaskManager(include_path=None if folder is None else str(folder), include_defaults=False)
+    with _rng_preserved():
+        out = lm_eval.simple_evaluate(model=lm, tasks=[name if config is None else config], task_manager=manager,
+                                      limit=limit, log_samples=True, bootstrap_iters=1000, random_seed=None,
+                                      numpy_random_seed=None, torch_random_seed=None)
+    samples = sorted((s for s in out["samples"][name] if s["filter"] == FILTER), key=lambda s: s["doc_id"])
+    per_example = np.asarray([float(s["exact_match"]) for s in samples], dtype=np.float64)
+    tok = subject.extra["tokenizer"]
+    generated, texts = [], []
+    for s in samples:
+        context = s["arguments"][0][0]
+        ids = tuple(tok(context, add_special_tokens=False)["input_ids"])
+        generated.append(lm.generated[ids])
+        texts.append(s["resps"][0][0])
+    raw = out["results"][name]
+    return HarnessResult(float(raw[f"exact_match,{FILTER}"]), float(raw[f"exact_match_stderr,{FILTER}"]),
+                         per_example, generated, texts, {k: v for k, v in raw.items() if k != "alias"})
