@@ -81,7 +81,8 @@ class Assisted(Method):
         gc = copy.deepcopy(draft.generation_config)  # the library reads these from the assistant's config
         gc.num_assistant_tokens = cfg.num_assistant_tokens
         gc.num_assistant_tokens_schedule = cfg.num_assistant_tokens_schedule
-        gc.assistant_confidence_threshold = cfg.assistant_confidence_threshold or None
+        gc.assistant_confidence_threshold = cfg.assistant_confidence_threshold  # 0.0 (falsy): no stopping; None
+        # would be replaced by the library default (0.4)
         draft.generation_config = gc
         tok = subject.extra["tokenizer"]
         counts = CallCounts()

@@ -33,6 +33,8 @@ def test_greedy_reproduces_the_target_token_for_token(target, drafts, prompts, t
     assert 0 <= s["acceptance_rate"] < 1 and s["mean_accepted_length"] >= 1
     if which == "noisy-copy":
         assert s["target_forward_passes"] < emitted  # drafts were accepted
+    if overrides:  # confidence stopping off: every round drafts 4 tokens (fewer only at the length limit)
+        assert s["drafted_tokens"] >= 3.5 * s["target_forward_passes"] - 4 * len(prompts), s
 
 
 def test_hooks_do_not_outlive_the_call(target, drafts, prompts, tokenizer, ctx):
