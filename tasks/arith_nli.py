@@ -15,6 +15,12 @@ and published with the tokenizer under `tasks/artifacts/arith-nli/` (`tokenizer.
 `reference.safetensors` in float16), their sha256 recorded below; `bench reference build arith-nli
 [--publish]` rebuilds both, deterministically.
 
+Known failure: the published reference (hidden 128, 2 layers, 475k parameters; 2,500 Adam steps at 5e-4, 886 s
+on the shared machine) predicts one label and scores 50.0%, chance on the balanced pairs. Checking an
+arithmetic answer needs the answer computed inside the encoder, and this recipe does not get there (nor did
+hidden 64 x 2 at 2e-3 or 128 x 4 at 1e-3 in shorter trials). A test marks it as an expected failure until a
+recipe that learns the task (warm-up, more steps, or an easier distractor mix) is published.
+
 Quality: accuracy on the 1,000 test pairs (per-pair 0/1 scores). Fidelity: agreement of the predicted labels
 with the reference's. Workload: classify the 1,000 test pairs at the profile's text-classification batch
 size; items are pairs.
@@ -38,8 +44,8 @@ if TYPE_CHECKING:
     import torch
 
 ART = ARTIFACTS / "arith-nli"
-TOKENIZER_SHA256 = None
-REFERENCE_SHA256 = None
+TOKENIZER_SHA256 = "50cebc3d410c1f4befce2069c5aa1d5e9e4b9e6e6e3c50f31a910a7b82c97dcf"
+REFERENCE_SHA256 = "79313027bdee9d284b95b0df554530ff13b3c8beb643693d9a0bee467b2c6c9d"
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,7 @@ class ArithNLI(Task):
         from bench.store import atomic_write_text
 
         self._set_tokenizer(self.train_tokenizer())
+        text = arith_nli_data.tokenizer_json(self.tokenizer)  # now: encoding batches sets padding on it
         ctx.progress.log(f"arith-nli tokenizer: sha256 {self.tokenizer_sha256} "
                          + ("(matches the published one)" if self.tokenizer_sha256 == TOKENIZER_SHA256
                             else "(differs from the published one)"))
@@ -226,7 +233,7 @@ class ArithNLI(Task):
         ctx.progress.log(f"arith-nli reference: sha256 {digest}")
         if publish:
             ART.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(ART / "tokenizer.json", arith_nli_data.tokenizer_json(self.tokenizer))
+            atomic_write_text(ART / "tokenizer.json", text)
             path = ART / "reference.safetensors"
             cache.save_weights(path, state)
             path.with_name(path.name + ".sha256").unlink()  # the module records the published hash
