@@ -41,7 +41,7 @@ def test_run_then_show_then_validate(tmp_path):
     assert path.parent == tmp_path / "cpu" / "digits" / "magnitude"
     record = json.loads(path.read_text())
     assert record["method"]["hyperparameters"]["sparsity"] == 0.7 and record["seed"] == 1
-    assert "speedup" in r.output and str(path.name) in r.output.replace("\n", "")
+    assert "speedup" in r.output and str(path.name) in "".join(r.output.split())  # rich wraps and pads it
     shown = runner.invoke(app, ["show", str(path)])
     assert shown.exit_code == 0 and "top1_accuracy" in shown.output
     assert runner.invoke(app, ["validate", str(tmp_path)]).exit_code == 0
