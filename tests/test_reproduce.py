@@ -108,7 +108,9 @@ def test_other_versions_are_refused_unless_forced(committed, tmp_path):
     out = " ".join(r.output.split())
     assert r.exit_code == 2 and "package numpy: record 0.0.1" in out and "bench version: record 0.0.9" in out
     assert "--force" in out and not verification_path(path).exists()
-    r = reproduce(str(path), "--force")
+    # this test is about versions: the speed check may be loose (a 'none' run's speedup interval is narrow,
+    # and on a busy machine a re-run's can miss it; every other reproduction here keeps the strict default)
+    r = reproduce(str(path), "--force", "--speed-tolerance", "0.5")
     assert r.exit_code == 0, r.output
     v = load_verification(verification_path(path))  # verified, saying past which differences
     assert v.forced and any("numpy" in d for d in v.version_differences)

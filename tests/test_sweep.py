@@ -131,9 +131,15 @@ def test_failed_runs_are_skipped_unless_retry_is_asked(tmp_path, monkeypatch):
 
 # --- real sweeps ---------------------------------------------------------------------------------------------
 
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: an ignored SIGINT is inherited across exec, and Python then keeps
+    ignoring it, so a test process in which something set SIG_IGN would make the sweep deaf to it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def bench_sweep(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bench", "sweep", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
 
 
 def wait_for_records(root: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
