@@ -145,6 +145,27 @@ def test_published_artifacts_load_with_their_sha256(name):
     assert t.classifier_path(make_ctx()) == digits_gen.CLASSIFIER_ART
 
 
+@pytest.mark.parametrize("name", TASKS)
+def test_the_published_reference_draws_digits_the_classifier_recognises(name):
+    """Catches a sampler that diverges (e.g. a schedule whose first step amplifies the x0 error): such
+    samples are saturated noise and the classifier's accuracy on them is near chance."""
+    from safetensors.torch import load_file
+
+    t = get_task_spec(name).cls()
+    if not t.reference_sha256:
+        pytest.skip(f"{name}: no published reference recorded yet")
+    ctx = make_ctx()
+    t.load(ctx)
+    subject = t.subject_from_state(t.reference_weights(ctx).state, ctx)
+    noise, labels = diffusion.eval_inputs(30, 0)
+    images = diffusion.to_uint8(diffusion.sample(subject, noise, labels))
+    clf = fid.build_classifier()
+    clf.load_state_dict(load_file(str(t.classifier_path(ctx))))
+    with torch.inference_mode():
+        pred = clf.eval()(fid.uint8_to_input(images)).argmax(1)
+    assert float((pred == labels).float().mean()) >= 0.8
+
+
 def test_a_whole_smoke_run_is_ok(tmp_path):
     from bench.runner import run
 

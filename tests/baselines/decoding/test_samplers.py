@@ -52,7 +52,7 @@ def test_samplers_count_one_evaluation_per_step_and_are_deterministic(setup, nam
     assert applied.stats() == {"nfe": SAMPLERS[name], "num_inference_steps": SAMPLERS[name]}
     assert ref.extra["num_inference_steps"] == 50 and "on_batch_start" not in ref.extra  # the reference is untouched
     assert type(applied.subject.extra["scheduler"]).__name__ != "DDIMScheduler" or name == "ddim"
-    assert applied.subject.extra["scheduler"].config.beta_schedule == "squaredcos_cap_v2"  # the task's schedule
+    assert applied.subject.extra["scheduler"].config.beta_schedule == "linear"  # the task's schedule
 
 
 def test_samplers_keep_an_inner_batch_hook(setup):
