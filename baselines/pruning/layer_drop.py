@@ -7,8 +7,8 @@ Block influence of block i, measured on calibration data from the task's trainin
 
 x_{i,t} the hidden state entering block i at token t and x_{i+1,t} the one leaving it, averaged over the real
 (non-padding) calibration tokens. All BIs come from one pass through the unpruned model (as in the paper), and
-the `layers` blocks with the lowest BI are removed. Removing a block of a pre-norm residual stack leaves the
-others' inputs as the skipped block's input, so no weight changes: the model simply has fewer blocks.
+the `layers` blocks with the lowest BI are removed: the block after a removed one reads the removed block's
+input instead of its output (a low BI says the two are nearly parallel), and no weight changes.
 
 The blocks are really removed: the block list is rebuilt without them, `config.num_hidden_layers` (and
 `config.layer_types`, where the model has one) follow, and each kept block's `layer_idx` (its KV-cache slot)

@@ -66,7 +66,8 @@ def test_the_first_block_is_calibrated_on_training_problems(llama_subject, arith
 
     batches = _calib.calibration_batches(arith, llama_subject, ctx, 8)
     texts = [lm.prompt_of(p["question"]) + " " + p["answer"] for p in arith.train]
-    seqs = [b["input_ids"][r][b["attention_mask"][r].bool()].tolist() for b in batches for r in range(len(b["input_ids"]))]
+    seqs = [b["input_ids"][r][b["attention_mask"][r].bool()].tolist()
+            for b in batches for r in range(len(b["input_ids"]))]
     eos = arith.tokenizer.eos_token_id
     assert all(s[-1] == eos for s in seqs)
     decoded = {arith.tokenizer.decode(s[:-1]) for s in seqs}
