@@ -75,22 +75,29 @@ class DenoiserProxy:
         return getattr(self._model, name)
 
 
-def split_call(args: tuple, kwargs: dict, first: str) -> tuple[Any, Any, Any, bool]:
-    """(sample, timestep, class_labels, return_dict) from a UNet2DModel / DiTTransformer2DModel-style call."""
+def split_call(args: tuple, kwargs: dict, first: str, text: bool = False) -> tuple[Any, Any, Any, bool, Any]:
+    """(sample, timestep, class_labels, return_dict, encoder_hidden_states) from a denoiser-style call.
+
+    `text=False`: a UNet2DModel / DiTTransformer2DModel call, (sample, timestep, class_labels, return_dict);
+    encoder_hidden_states is then always None. `text=True`: a UNet2DConditionModel call, (sample, timestep,
+    encoder_hidden_states, class_labels), return_dict by keyword. Any other non-None argument is refused.
+    """
     kwargs = dict(kwargs)
-    names = [first, "timestep", "class_labels", "return_dict"]
+    names = [first, "timestep", "encoder_hidden_states", "class_labels"] if text else \
+        [first, "timestep", "class_labels", "return_dict"]
     values = dict(zip(names, args))
     for alias in ("sample", "hidden_states"):
         if alias in kwargs:
             values[first] = kwargs.pop(alias)
-    for k in names[1:]:
+    for k in (*names[1:], "return_dict"):
         if k in kwargs:
             values[k] = kwargs.pop(k)
     extra = {k: v for k, v in kwargs.items() if v is not None}
     if extra:
-        raise TypeError(f"the cached denoiser takes (sample, timestep, class_labels, return_dict); "
-                        f"got unsupported arguments {sorted(extra)}")
-    return values.get(first), values.get("timestep"), values.get("class_labels"), values.get("return_dict", True)
+        accepted = ", ".join(names + (["return_dict"] if text else []))
+        raise TypeError(f"the cached denoiser takes ({accepted}); got unsupported arguments {sorted(extra)}")
+    return (values.get(first), values.get("timestep"), values.get("class_labels"), values.get("return_dict", True),
+            values.get("encoder_hidden_states"))
 
 
 def wrap_output(model, sample, return_dict: bool):
@@ -101,6 +108,10 @@ def wrap_output(model, sample, return_dict: bool):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=sample)
+    if hasattr(model, "get_time_embed"):  # UNet2DConditionModel
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=sample)
     from diffusers.models.unets.unet_2d import UNet2DOutput
 
     return UNet2DOutput(sample=sample)
@@ -118,10 +129,11 @@ def require_backbone(model, kind: str, method: str) -> None:
     """Raise a clear error when `method` (which needs a `kind` backbone: "dit" or "unet") gets another one."""
     ok = is_dit(model) if kind == "dit" else is_unet(model)
     if not ok:
-        want = {"dit": "a DiT (diffusers DiTTransformer2DModel)", "unet": "a UNet (diffusers UNet2DModel)"}[kind]
+        want = {"dit": "a DiT (diffusers DiTTransformer2DModel)",
+                "unet": "a UNet (diffusers UNet2DModel or UNet2DConditionModel)"}[kind]
         raise ValueError(f"{method} needs {want}; the task's denoiser is a {type(model).__name__}. "
-                         f"Use a task with that backbone (e.g. digits-gen for UNet methods, digits-gen-dit "
-                         f"for DiT methods).")
+                         f"Use a task with that backbone (e.g. digits-gen or coco for UNet methods, digits-gen-dit "
+                         f"or imagenet-fid for DiT methods).")
 
 
 def require_diffusion_subject(subject: "Subject", method: str) -> None:

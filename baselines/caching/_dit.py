@@ -78,7 +78,7 @@ def make_dit_call(model, forward: Callable[[Any, Any, Any], Any]):
     from baselines.caching._common import split_call, wrap_output
 
     def call(*args, **kwargs):
-        x, t, y, return_dict = split_call(args, kwargs, "hidden_states")
+        x, t, y, return_dict, _ = split_call(args, kwargs, "hidden_states")
         return wrap_output(model, forward(x, t, y), return_dict)
 
     return call

@@ -24,6 +24,12 @@ resnet/attention/block of a `UNet2DConditionModel` inside a Stable Diffusion pip
 the pipeline's scheduler. It does not take a bare `UNet2DModel` (no cross-attention blocks, no pipeline), so
 the same rule is hand-written here at block granularity; the cached feature and the refresh rule are the
 same. Caches per branch (conditional / unconditional call), reset per batch.
+
+Backbones: a class-conditional `UNet2DModel` (digits-gen) and a text-conditional `UNet2DConditionModel`
+without added conditions (Stable Diffusion 1.x/2.x, the `coco` task): its cross-attention blocks get the
+call's `encoder_hidden_states`, the rest of the rule is the same. With classifier-free guidance batched into
+one call (conditional and unconditional rows, as diffusers' pipelines do), the cached feature holds both rows'
+features, each row reusing its own.
 """
 
 from __future__ import annotations
@@ -45,13 +51,26 @@ class DeepCacheConfig:
         check_range("branch", self.branch, lo=0)
 
 
-_NO_DOWNSAMPLE_OK = ("DownBlock2D", "AttnDownBlock2D")
+_NO_DOWNSAMPLE_OK = ("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D")
+
+
+def is_conditional_unet(model) -> bool:
+    """A `UNet2DConditionModel` (text-conditional, cross-attention); else a `UNet2DModel`."""
+    return hasattr(model, "get_time_embed")
 
 
 def _embedding(model, sample, timestep, class_labels):
-    """The time (+ class) embedding, as UNet2DModel.forward computes it."""
+    """The time (+ class) embedding, as UNet2DModel.forward / UNet2DConditionModel.forward compute it."""
     import torch
 
+    if is_conditional_unet(model):
+        emb = model.time_embedding(model.get_time_embed(sample=sample, timestep=timestep), None)
+        class_emb = model.get_class_embed(sample=sample, class_labels=class_labels)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if model.config.class_embeddings_concat else emb + class_emb
+        if model.time_embed_act is not None:
+            emb = model.time_embed_act(emb)
+        return emb, None
     t = timestep
     if not torch.is_tensor(t):
         t = torch.tensor([t], dtype=torch.long, device=sample.device)
@@ -68,37 +87,47 @@ def _embedding(model, sample, timestep, class_labels):
     return emb, t
 
 
-def _down(block, h, emb, keep_downsample: bool):
+def _xattn(block, encoder_hidden_states) -> dict:
+    """The cross-attention argument for a block that has cross-attention (Stable Diffusion's), else nothing."""
+    return {"encoder_hidden_states": encoder_hidden_states} if getattr(block, "has_cross_attention", False) else {}
+
+
+def _down(block, h, emb, keep_downsample: bool, encoder_hidden_states=None):
+    xattn = _xattn(block, encoder_hidden_states)
     if keep_downsample or getattr(block, "downsamplers", None) is None:
-        return block(hidden_states=h, temb=emb)
+        return block(hidden_states=h, temb=emb, **xattn)
     if type(block).__name__ not in _NO_DOWNSAMPLE_OK:
-        h, res = block(hidden_states=h, temb=emb)
+        h, res = block(hidden_states=h, temb=emb, **xattn)
         return h, res[:-1]
     res = ()
     for i, resnet in enumerate(block.resnets):
         h = resnet(h, emb)
         if hasattr(block, "attentions"):
-            h = block.attentions[i](h)
+            h = block.attentions[i](h, **xattn, return_dict=False)[0] if xattn else block.attentions[i](h)
         res += (h,)
     return h, res
 
 
-def unet_forward(model, sample, timestep, class_labels, branch: int, cache: dict, full: bool):
-    """UNet2DModel's output; a full pass stores the up-path feature of `branch`, a partial one reuses it."""
+def unet_forward(model, sample, timestep, class_labels, branch: int, cache: dict, full: bool,
+                 encoder_hidden_states=None):
+    """The UNet's output; a full pass stores the up-path feature of `branch`, a partial one reuses it.
+    `encoder_hidden_states`: the text embeddings of a `UNet2DConditionModel` (None for a `UNet2DModel`)."""
     if model.config.center_input_sample:
         sample = 2 * sample - 1.0
+    # UNet2DConditionModel.forward passes an explicit upsample size when the input is not a multiple of 2^depth
+    odd_size = any(d % (2 ** getattr(model, "num_upsamplers", 0)) for d in sample.shape[-2:])
     emb, t = _embedding(model, sample, timestep, class_labels)
     h = model.conv_in(sample)
     res = (h,)
     n = len(model.down_blocks)
     depth = n if full else branch + 1
     for k, block in enumerate(model.down_blocks[:depth]):
-        h, r = _down(block, h, emb, keep_downsample=full or k < branch)
+        h, r = _down(block, h, emb, full or k < branch, encoder_hidden_states)
         res += r
     first_up = n - 1 - branch
     if full:
         if model.mid_block is not None:
-            h = model.mid_block(h, emb)
+            h = model.mid_block(h, emb, **_xattn(model.mid_block, encoder_hidden_states))
         ups = list(enumerate(model.up_blocks))
     else:
         h = cache["feature"]
@@ -108,11 +137,15 @@ def unet_forward(model, sample, timestep, class_labels, branch: int, cache: dict
             cache["feature"] = h
         m = len(up.resnets)
         r, res = res[-m:], res[:-m]
-        h = up(h, r, emb)
+        size = res[-1].shape[2:] if odd_size and j < n - 1 else None
+        h = up(hidden_states=h, res_hidden_states_tuple=r, temb=emb, upsample_size=size,
+               **_xattn(up, encoder_hidden_states))
     if res:
         raise RuntimeError(f"deepcache: {len(res)} skip features were left unused; the UNet's blocks do not pair up")
-    h = model.conv_out(model.conv_act(model.conv_norm_out(h)))
-    if model.config.time_embedding_type == "fourier":
+    if model.conv_norm_out is not None:
+        h = model.conv_act(model.conv_norm_out(h))
+    h = model.conv_out(h)
+    if not is_conditional_unet(model) and model.config.time_embedding_type == "fourier":
         h = h / t.reshape((h.shape[0], *([1] * len(h.shape[1:]))))
     return h
 
@@ -140,6 +173,13 @@ class DeepCache(Method):
                               f"valid branches are 0..{n - 1}")
         if any(hasattr(b, "skip_conv") for b in (*model.down_blocks, *model.up_blocks)):
             raise ValueError("deepcache: UNets with skip-sample blocks (SkipDownBlock2D, NCSN++) are not supported")
+        if is_conditional_unet(model):
+            added = {k: model.config.get(k) for k in ("addition_embed_type", "encoder_hid_dim_type")
+                     if model.config.get(k) is not None}
+            if added:
+                raise ValueError(f"deepcache: this UNet2DConditionModel takes added conditions {added} (SDXL-style "
+                                 f"added_cond_kwargs), which the cached call does not pass; supported: "
+                                 f"UNet2DModel and UNet2DConditionModel without them (Stable Diffusion 1.x/2.x)")
         caches: dict[int, dict] = {}
         tracker = Tracker(caches.clear)
 
@@ -148,11 +188,12 @@ class DeepCache(Method):
             cache = caches.setdefault(branch_call, {})
 
             def call(*args, **kwargs):
-                x, t, y, return_dict = split_call(args, kwargs, "sample")
+                x, t, y, return_dict, text = split_call(args, kwargs, "sample", text=is_conditional_unet(model))
                 if not full and "feature" not in cache:
                     raise RuntimeError("deepcache: a partial step came before any full step (the cache is empty)")
                 tracker.count("nfe_full" if full else "nfe_partial")
-                return wrap_output(model, unet_forward(model, x, t, y, cfg.branch, cache, full), return_dict)
+                out = unet_forward(model, x, t, y, cfg.branch, cache, full, encoder_hidden_states=text)
+                return wrap_output(model, out, return_dict)
 
             return call
 
