@@ -79,3 +79,16 @@ def test_busy_machine_is_warned_about():
         machine(cpu_count=2, load_average_1m=3.5))
     assert busy_warning(machine(cpu_count=2, load_average_1m=0.2)) is None
     assert busy_warning(machine(load_average_1m=None)) is None
+
+
+def test_evaluation_sizes_are_per_task_and_name_registered_tasks():
+    """`[eval_size]`: images per evaluation for the tasks whose size the hardware sets (coco, imagenet-fid)."""
+    from bench.registry import TASKS
+
+    for name in profile_names():
+        assert set(load_profile(name).eval_size) <= set(TASKS.names()), name
+    assert load_profile("h100-bf16").eval_size_for("coco") == 30000
+    assert load_profile("h100-bf16").eval_size_for("imagenet-fid") == 50000
+    assert load_profile("l4-fp16").eval_size_for("coco") == 1000
+    with pytest.raises(RegistryError, match=r"no evaluation size for task 'coco'.*\[eval_size\].*cpu\.toml"):
+        load_profile("cpu").eval_size_for("coco")

@@ -42,12 +42,23 @@ class Profile(BaseModel):
     batch_size: dict[str, int]
     timing: TimingRules
     expect: Expectation
+    # evaluation examples (generated images, ...) per task name, for tasks whose evaluation size is set by the
+    # hardware (`coco`, `imagenet-fid`: FID on 1k images on a small GPU, 30k-50k for the headline numbers)
+    eval_size: dict[str, int] = Field(default_factory=dict)
 
     def batch_for(self, modality: str) -> int:
         if modality not in self.batch_size:
             raise RegistryError(f"profile {self.name!r} sets no batch size for modality {modality!r}; "
                                 f"it has {', '.join(self.batch_size)}")
         return self.batch_size[modality]
+
+    def eval_size_for(self, task: str) -> int:
+        if task not in self.eval_size:
+            have = ", ".join(f"{k} = {v}" for k, v in self.eval_size.items()) or "none"
+            raise RegistryError(f"profile {self.name!r} sets no evaluation size for task {task!r} (its [eval_size] "
+                                f"table has {have}); add `{task} = N` under [eval_size] in "
+                                f"bench/profiles/{self.name}.toml, or use a profile that has one")
+        return self.eval_size[task]
 
 
 def profile_names() -> list[str]:
@@ -66,4 +77,7 @@ def load_profile(name: str) -> Profile:
     bad = sorted(set(profile.batch_size) - set(MODALITIES))
     if bad:
         raise RegistryError(f"profile {name!r}: unknown modality {bad}; valid: {', '.join(MODALITIES)}")
+    small = {k: v for k, v in profile.eval_size.items() if v < 1}
+    if small:
+        raise RegistryError(f"profile {name!r}: evaluation sizes must be at least 1, got {small}")
     return profile

@@ -1,0 +1,339 @@
+"""What the full latent-diffusion tasks (`coco`, `imagenet-fid`) share: a diffusers pipeline loaded from the hub
+or a local folder, sampled through the project's one loop, FID with per-image intervals, fidelity to the
+reference's images, and the timed workload.
+
+Subject: `Subject.model` is the pipeline's denoiser (`UNet2DConditionModel` for Stable Diffusion,
+`DiTTransformer2DModel` for DiT), what the caching and pruning methods transform. The rest of the pipeline
+(VAE, text encoder, tokenizer) stays in the loaded pipeline object, used by the closures in `Subject.extra`,
+which follow `tasks.diffusion`'s sampling interface: `scheduler` (DDIM built `from_config` of the checkpoint's
+own scheduler config, so the noise schedule and timestep spacing are the checkpoint's), `num_inference_steps`,
+`guidance_scale`, `denoise` (classifier-free guidance with the conditional and unconditional rows in one
+batched call, in the order the diffusers pipeline uses), `decode` (the VAE: latents / scaling_factor) and
+`backbone`. The caching methods and the samplers therefore apply unchanged.
+
+Why not the pipeline's own `__call__`: the methods need the denoiser call of every step with its step index, a
+scheduler they can swap and a reset at every batch start; the pipelines expose only a step-end callback. So the
+loop is `tasks.diffusion.sample`, and the tests check that it gives the pipeline's own images from the same
+initial noise (to float tolerance) for both pipelines.
+
+Evaluation: `n` images (the profile's `[eval_size]` for the task; `SMOKE_EVAL_SIZE` under `--budget smoke`),
+image i from its own seeded noise (`fid_stats.per_image_noise`, run seed) and its own conditioning, generated
+at the profile's image-generation batch size; FID against the task's reference statistics (`tasks.fid_stats`),
+per-image pseudo-values for the interval. Fidelity: mean SSIM (torchmetrics) of the first `FIDELITY_IMAGES`
+images to the reference's images from the same noise and conditioning; those images are kept in the bench cache
+under their content's sha256 (the cached evaluation record names the file). Workload: one batch of the profile's
+image-generation size, end to end (conditioning, every denoising step, VAE decode); items are images.
+
+Identity: the reference's sha256 is over all the pipeline's weights (denoiser, VAE, text encoder), as loaded;
+`reference_canonical` is False (no published hash: the checkpoints could not be downloaded where this was
+written). Models are `tasks.pretrained` sources: a local diffusers folder (model_index.json and one subfolder
+per component, as `save_pretrained` writes it) or a hub id, `org/name@revision` to pin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
+
+if TYPE_CHECKING:
+    import torch
+
+SMOKE_EVAL_SIZE = 4  # images evaluated under --budget smoke
+SMOKE_WORKLOAD = 2  # images per timed call under --budget smoke
+FIDELITY_IMAGES = 64  # the first images, kept to compare with the reference's (SSIM)
+WORKLOAD_SEED = 10_000  # the timed batch's noise seed: run seed + WORKLOAD_SEED, disjoint from the evaluation's
+
+
+def pipeline_hint(env: str) -> str:
+    return (f"Set {env} to a local diffusers pipeline folder (model_index.json and the component subfolders, as "
+            f"`DiffusionPipeline.save_pretrained` writes them) or to a hub id such as org/name or org/name@revision")
+
+
+def data_root() -> Path:
+    """`$BENCH_DATA`, else `<bench cache>/data` (the convention of `tasks.cifar10`)."""
+    from bench import cache
+
+    env = os.environ.get("BENCH_DATA")
+    return Path(env).expanduser() if env else cache.cache_dir() / "data"
+
+
+def pipeline_source(env: str, default: str):
+    from tasks import pretrained
+
+    try:
+        return pretrained.model_source(env, default)
+    except pretrained.PretrainedNotFound as e:
+        raise pretrained.PretrainedNotFound(f"{env}={os.environ.get(env)}: no such folder. "
+                                            f"{pipeline_hint(env)}") from e
+
+
+def load_pipeline(cls, source, what: str, **kwargs):
+    """`cls.from_pretrained` (weights in their stored dtype), with an error that names the variable."""
+    from tasks.pretrained import PretrainedNotFound
+
+    try:
+        return cls.from_pretrained(source.path, revision=source.revision, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise PretrainedNotFound(f"could not load the {what} ({cls.__name__}) from {source.describe()} "
+                                 f"({source.env}): {e}\n{pipeline_hint(source.env)}") from e
+
+
+def pipeline_sha256(pipe) -> str:
+    """sha256 over every weight-bearing component's `state_sha256`, by component name."""
+    import torch
+
+    from tasks.pretrained import state_sha256
+
+    h = hashlib.sha256()
+    for name, module in sorted(pipe.components.items()):
+        if isinstance(module, torch.nn.Module):
+            h.update(f"{name}:{state_sha256(module.state_dict())}\n".encode())
+    return h.hexdigest()
+
+
+def vae_decode(vae) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """latents -> images in [-1, 1], as the pipelines decode (latents / scaling_factor, plus shift if any)."""
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    def decode(latents):
+        return vae.decode(latents / scale + shift).sample
+
+    return decode
+
+
+def save_images(images: "torch.Tensor", folder: Path) -> Path:
+    """uint8 images, kept under the sha256 of their bytes (written once, atomically, with a sha256 sidecar)."""
+    from bench import cache
+
+    images = images.contiguous().cpu()
+    path = folder / f"{hashlib.sha256(images.numpy().tobytes()).hexdigest()}.safetensors"
+    if cache.load_weights(path) is None:
+        cache.save_weights(path, {"images": images})
+    return path
+
+
+def load_images(path: str) -> "torch.Tensor":
+    from bench import cache
+
+    hit = cache.load_weights(Path(path))
+    if hit is None:
+        raise FileNotFoundError(f"the images kept for the fidelity comparison are missing or damaged: {path}. They "
+                                f"live in the bench cache beside the cached reference evaluation; clear "
+                                f"<bench cache>/evals to evaluate the reference again")
+    return hit[0]["images"]
+
+
+class LatentDiffusionTask(Task):
+    """A full task on a diffusers latent-diffusion pipeline (see the module docstring). Subclasses load their
+    data and reference statistics in `load` (setting `n`, `reference_stats`, `data_digest`) and define the
+    conditioning and the sampling extras."""
+
+    reference_sha256 = None  # no pinned artifact: the hash of the weights as loaded is recorded
+    reference_env: ClassVar[str]  # the variable naming the pipeline (folder or hub id)
+    reference_id: ClassVar[str]  # the default hub id
+    pipeline_class: ClassVar[str]  # diffusers pipeline class name
+    backbone_attr: ClassVar[str]  # the pipeline's denoiser attribute ("unet", "transformer")
+    num_inference_steps: ClassVar[int]  # the reference sampler's DDIM steps
+    guidance_scale: ClassVar[float]  # the reference's classifier-free guidance scale
+
+    def __init__(self) -> None:
+        self._loaded = False
+        self._pipe = None
+        self._kept: "tuple[dict, torch.nn.Module] | None" = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    def eval_size(self, ctx: RunContext) -> int:
+        """Images per evaluation: the profile's `[eval_size]` entry for this task (smoke: `SMOKE_EVAL_SIZE`)."""
+        return ctx.profile.eval_size_for(self.spec.name) if ctx.budget == "full" else SMOKE_EVAL_SIZE
+
+    def data_fingerprint(self) -> str:
+        from tasks import fid_stats
+
+        return hashlib.sha256(json.dumps({
+            "data": self.data_digest, "reference_statistics": fid_stats.stats_digest(self.reference_stats),
+            "features": self.fid.identity(), "n": self.n, "resolution": self.resolution,
+            "sampler": ["DDIM", self.num_inference_steps, self.guidance_scale], "noise": "per image, run seed",
+        }, sort_keys=True).encode()).hexdigest()
+
+    def load_common(self, ctx: RunContext) -> None:
+        """What every subclass's `load` starts with: the FID features and the image size."""
+        from tasks import fid_stats
+
+        self.fid = fid_stats.fid_config()
+        self.n = self.eval_size(ctx)
+        self.resolution = self.image_size()
+
+    def stats_cache(self, *parts) -> Path:
+        from bench import cache
+
+        return cache.cache_dir() / "tasks" / self.spec.name / f"real-stats-{cache.key(*parts)}.npz"
+
+    # ---- models -------------------------------------------------------------------------------------------
+    def reference_source(self):
+        return pipeline_source(self.reference_env, self.reference_id)
+
+    def pipeline_kwargs(self) -> dict:
+        return {}
+
+    def pipeline(self, ctx: RunContext):
+        if self._pipe is None:
+            import diffusers
+
+            src = self.reference_source()
+            with ctx.progress.step(f"Loading the {self.spec.name} reference pipeline from {src.describe()}"):
+                self._pipe = load_pipeline(getattr(diffusers, self.pipeline_class), src,
+                                           f"{self.spec.name} reference", **self.pipeline_kwargs())
+        return self._pipe
+
+    def image_size(self) -> int:
+        """Generated images' side: the denoiser's sample size times the VAE's downsampling factor (read from the
+        configs, without loading weights)."""
+        import diffusers
+
+        src = self.reference_source()
+        backbone = getattr(diffusers, self.backbone_class())
+        try:
+            b = backbone.load_config(src.path, subfolder=self.backbone_attr, revision=src.revision)
+            v = diffusers.AutoencoderKL.load_config(src.path, subfolder="vae", revision=src.revision)
+        except (OSError, ValueError) as e:
+            from tasks.pretrained import PretrainedNotFound
+
+            raise PretrainedNotFound(f"could not read the {self.spec.name} pipeline's configs from "
+                                     f"{src.describe()} ({src.env}): {e}\n{pipeline_hint(src.env)}") from e
+        return int(b["sample_size"]) * 2 ** (len(v["block_out_channels"]) - 1)
+
+    def backbone_class(self) -> str:
+        return {"unet": "UNet2DConditionModel", "transformer": "DiTTransformer2DModel"}[self.backbone_attr]
+
+    def build_reference(self):
+        import diffusers
+
+        if self._kept is not None:
+            model = self._kept[1]
+            return type(model).from_config(model.config)
+        src, cls = self.reference_source(), getattr(diffusers, self.backbone_class())
+        return cls.from_config(cls.load_config(src.path, subfolder=self.backbone_attr, revision=src.revision))
+
+    def train_reference(self, ctx: RunContext) -> dict:
+        """A published checkpoint is not trained here: the reference's weights are the loaded ones."""
+        return self.reference_weights(ctx).state
+
+    def reference_weights(self, ctx: RunContext) -> ReferenceWeights:
+        pipe, src = self.pipeline(ctx), self.reference_source()
+        backbone = getattr(pipe, self.backbone_attr)
+        state = backbone.state_dict()
+        self._kept = (state, backbone)
+        where = src.path if src.local else f"hf://{src.path}@{src.revision or 'main'}"
+        return ReferenceWeights(state, pipeline_sha256(pipe), False, where)
+
+    def subject_from_state(self, state: dict, ctx: RunContext) -> Subject:
+        if self._kept is not None and state is self._kept[0]:
+            return self.prepare(self._kept[1], ctx)
+        model = self.build_reference()
+        model.load_state_dict(state)
+        return self.prepare(model, ctx)
+
+    def prepare(self, model, ctx: RunContext) -> Subject:
+        pipe = self.pipeline(ctx)
+        pipe.to(ctx.device, ctx.torch_dtype)
+        model = model.to(device=ctx.device, dtype=ctx.torch_dtype).eval()
+        extra = {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                 "decode": vae_decode(pipe.vae), "backbone": "unet" if self.backbone_attr == "unet" else "dit"}
+        from diffusers import DDIMScheduler
+
+        extra["scheduler"] = DDIMScheduler.from_config(pipe.scheduler.config)
+        extra.update(self.sampling_extra(pipe, model, ctx))
+        return Subject(model, self.spec.modality, extra)
+
+    # ---- what a subclass defines ----------------------------------------------------------------------------
+    @abstractmethod
+    def sampling_extra(self, pipe, model, ctx: RunContext) -> dict:
+        """`denoise` (with its guidance) and whatever else the subject needs beyond the common keys."""
+
+    @abstractmethod
+    def conditioning(self, subject: Subject, indices: list[int], ctx: RunContext) -> Callable[[], "torch.Tensor"]:
+        """A function giving the `labels` of images `indices` (called inside the timed region)."""
+
+    def begin_metrics(self, ctx: RunContext) -> None:
+        """Start the task's other metrics (CLIP score) for one evaluation; none by default."""
+
+    def on_generated(self, images: "torch.Tensor", indices: list[int], ctx: RunContext) -> None:
+        """Feed a generated batch (uint8, on the profile's device) to the task's other metrics; none by default."""
+
+    def end_metrics(self) -> dict[str, float]:
+        return {}
+
+    # ---- measurement --------------------------------------------------------------------------------------
+    def noise(self, subject: Subject, indices, seed: int, ctx: RunContext) -> "torch.Tensor":
+        from tasks.fid_stats import per_image_noise
+
+        m = subject.model.config
+        shape = (m.in_channels, m.sample_size, m.sample_size)
+        return per_image_noise(indices, shape, seed).to(device=ctx.device, dtype=ctx.torch_dtype)
+
+    def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
+        import numpy as np
+        import torch
+
+        from bench import cache
+        from tasks import fid_stats
+        from tasks.diffusion import sample, to_uint8
+
+        extractor, feats, kept = fid_stats.create_extractor(self.fid, ctx.device), [], []
+        self.begin_metrics(ctx)
+        with ctx.progress.step(f"Generating {self.n} images ({self.spec.name})", total=self.n) as advance:
+            for start in range(0, self.n, ctx.batch_size):
+                idx = list(range(start, min(start + ctx.batch_size, self.n)))
+                labels = self.conditioning(subject, idx, ctx)()
+                images = to_uint8(sample(subject, self.noise(subject, idx, ctx.seed, ctx), labels))
+                feats.append(fid_stats.extract(extractor, images, self.fid.layer))
+                self.on_generated(images.to(ctx.device), idx, ctx)
+                if start < FIDELITY_IMAGES:
+                    kept.append(images[:FIDELITY_IMAGES - start])
+                advance(len(idx))
+        feats = np.concatenate(feats)
+        value = fid_stats.fid_value(fid_stats.statistics(feats), self.reference_stats)
+        per_image = fid_stats.pseudo_values(feats, self.reference_stats, value)
+        path = save_images(torch.cat(kept), cache.cache_dir() / "tasks" / self.spec.name / "images")
+        secondary = self.end_metrics()
+        self.last_metrics = {"fid": value, **secondary}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
+        ctx.progress.log(f"{self.spec.name}: {shown} (features {self.fid.describe()}), n = {self.n}")
+        ev = Evaluation(value, per_image, np.asarray([str(path)]))
+        if hasattr(ev, "metrics"):  # the record's secondary metrics, where the harness's Evaluation carries them
+            ev.metrics.update(secondary)
+        return ev
+
+    def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
+        return "ssim_to_reference", image_ssim(load_images(str(reference.outputs[0])),
+                                               load_images(str(method.outputs[0])))
+
+    def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
+        from tasks.diffusion import sample
+
+        m = ctx.batch_size if ctx.budget == "full" else min(ctx.batch_size, SMOKE_WORKLOAD)
+        idx = list(range(m))
+        noise, labels = self.noise(subject, idx, ctx.seed + WORKLOAD_SEED, ctx), self.conditioning(subject, idx, ctx)
+        steps = subject.extra.get("num_inference_steps")
+        return (lambda: sample(subject, noise, labels())), m, \
+            (f"seconds to generate {m} images of {self.resolution}x{self.resolution} end to end (conditioning, "
+             f"the subject's sampler, {steps} steps for the reference's DDIM, VAE decode)")
+
+
+def image_ssim(reference: "torch.Tensor", method: "torch.Tensor", chunk: int = 8) -> float:
+    """Mean SSIM (torchmetrics, Gaussian 11x11, data range 1) of uint8 images paired by index."""
+    import torch
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    n = min(reference.shape[0], method.shape[0])
+    scores = [ssim(method[i:i + chunk].float() / 255, reference[i:i + chunk].float() / 255, data_range=1.0,
+                   reduction="none") for i in range(0, n, chunk)]
+    return float(torch.cat([s.reshape(-1) for s in scores]).mean())
