@@ -38,6 +38,8 @@ def summary_table(r: Result, path: Path | None = None) -> Table:
         ci = f" [{_delta(q.delta_interval.low, q.metric)}, {_delta(q.delta_interval.high, q.metric)}]" \
             if q.delta_interval else ""
         t.add_row(q.metric, _q(q.reference_value, q.metric), _q(q.value, q.metric), _delta(q.delta, q.metric) + ci)
+        for name, sec in q.secondary.items():
+            t.add_row(name, f"{sec.reference_value:.4g}", f"{sec.value:.4g}", f"{sec.value - sec.reference_value:+.4g}")
         if r.fidelity:
             t.add_row(r.fidelity.metric, "", f"{r.fidelity.value:.4g}", "")
         for ctl in r.controls:

@@ -78,6 +78,12 @@ class Interval(_M):
     method: str = "percentile bootstrap"
 
 
+class Secondary(_M):
+    """A task's secondary quality metric (no interval): e.g. the class accuracy of generated digits."""
+    value: float
+    reference_value: float
+
+
 class Quality(_M):
     metric: str
     higher_is_better: bool
@@ -87,6 +93,8 @@ class Quality(_M):
     interval: Interval | None = Field(None, description="interval of `value` over the evaluation examples")
     delta_interval: Interval | None = Field(None, description="paired interval of the delta")
     n: int = Field(ge=1, description="evaluation examples")
+    secondary: dict[str, Secondary] = Field(default_factory=dict,
+                                            description="the task's other quality metrics, by name")
 
 
 class Fidelity(_M):

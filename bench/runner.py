@@ -22,7 +22,7 @@ from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.provenance import config_hash, provenance
 from bench.result import (ArmTiming, Compute, Control, Cost, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
-                          ProfileInfo, Quality, Result, Size, SizeOf, Speed, TaskInfo)
+                          ProfileInfo, Quality, Result, Secondary, Size, SizeOf, Speed, TaskInfo)
 from bench.store import DEFAULT_RESULTS, write_result
 from tasks.base import Evaluation, RunContext
 
@@ -50,9 +50,9 @@ def _setup_torch(profile, seed: int) -> None:
 
 def reference_evaluation(task, subject, ctx: RunContext, ref_sha: str) -> Evaluation:
     """The reference's quality, cached per task, reference weights, data, profile and seed."""
-    path = (cache.cache_dir() / "evals" / task.spec.name /
-            f"{cache.key(task.spec.version, ref_sha, task.data_fingerprint(), ctx.profile.name, ctx.seed, ctx.budget)}"
-            ".json")
+    key = cache.key("with-metrics", task.spec.version, ref_sha, task.data_fingerprint(), ctx.profile.name, ctx.seed,
+                    ctx.budget)  # "with-metrics": entries cached before Evaluation.metrics existed lack them
+    path = cache.cache_dir() / "evals" / task.spec.name / f"{key}.json"
 
     def build() -> dict:
         with ctx.progress.step("Evaluating the reference (cached afterwards)"):
@@ -153,7 +153,9 @@ def _measure(task, method, ref_w, ctx: RunContext) -> dict:
         reference_value=ref_eval.value, delta=met_eval.value - ref_eval.value,
         interval=_interval(bootstrap_interval(met_eval.per_example)),
         delta_interval=_interval(paired_delta_interval(met_eval.per_example, ref_eval.per_example)),
-        n=int(met_eval.per_example.shape[0]))
+        n=int(met_eval.per_example.shape[0]),
+        secondary={k: Secondary(value=v, reference_value=ref_eval.metrics[k]) for k, v in met_eval.metrics.items()
+                   if k in ref_eval.metrics})
     fid_metric, fid_value = task.fidelity(ref_eval, met_eval)
     controls = [Control(name=c.name, description=c.description, value=c.value, cost_seconds=c.cost_seconds,
                         interval=_interval(bootstrap_interval(c.per_example)) if c.per_example is not None else None)

@@ -58,15 +58,20 @@ class Evaluation:
     value: float
     per_example: "np.ndarray"  # one score per evaluation example; value == per_example.mean()
     outputs: "np.ndarray"  # what fidelity compares (predicted labels, generated tokens, images)
+    # the task's secondary quality metrics, by name (e.g. digits-gen's class accuracy, coco's CLIP score):
+    # recorded beside the main metric for reference and method, without intervals
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"value": self.value, "per_example": self.per_example.tolist(), "outputs": self.outputs.tolist()}
+        return {"value": self.value, "per_example": self.per_example.tolist(), "outputs": self.outputs.tolist(),
+                "metrics": dict(self.metrics)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Evaluation":
         import numpy as np
 
-        return cls(float(d["value"]), np.asarray(d["per_example"], dtype=np.float64), np.asarray(d["outputs"]))
+        return cls(float(d["value"]), np.asarray(d["per_example"], dtype=np.float64), np.asarray(d["outputs"]),
+                   {k: float(v) for k, v in d.get("metrics", {}).items()})
 
 
 @dataclass

@@ -180,7 +180,8 @@ class DigitsGenTask(Task):
         self.last_metrics = {"fid": value, "class_accuracy": float((pred == labels).double().mean())}
         ctx.progress.log(f"{self.spec.name}: FID {value:.3f} (torch-fidelity, {EXTRACTOR_DESC}), generated-digit "
                          f"accuracy {self.last_metrics['class_accuracy']:.4f}, n = {images.shape[0]}")
-        return Evaluation(value, per_image, images.squeeze(1).numpy())
+        return Evaluation(value, per_image, images.squeeze(1).numpy(),
+                          metrics={"class_accuracy": self.last_metrics["class_accuracy"]})
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
         return "ssim_to_reference", image_fidelity(reference.outputs, method.outputs)["ssim"]

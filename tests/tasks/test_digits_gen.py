@@ -175,3 +175,5 @@ def test_a_whole_smoke_run_is_ok(tmp_path):
     assert r.quality.metric == "fid" and not r.quality.higher_is_better and r.quality.n == 40
     assert r.fidelity.metric == "ssim_to_reference" and r.method_stats["nfe"] == 20
     assert r.compute.reference > r.compute.method > 0  # 50 against 20 network evaluations
+    acc = r.quality.secondary["class_accuracy"]  # recorded beside FID for both arms
+    assert 0 <= acc.value <= 1 and 0 <= acc.reference_value <= 1
