@@ -24,8 +24,8 @@ images of 100 cos(E_image, E_caption), floored at 0, with `openai/clip-vit-large
 local CLIP folder or a hub id, `@revision` to pin), handed to torchmetrics as a loaded (model, processor) pair
 so that a local copy works. ViT-L/14 because it is torchmetrics' default and the model most text-to-image
 papers report CLIP score with, so the numbers compare; note that it shares its text tower's architecture and
-training with SD v1.5's own text encoder, which favours SD-like models. The CLIP score is logged with the FID
-(and kept in `last_metrics`); the result record has one quality metric, FID.
+training with SD v1.5's own text encoder, which favours SD-like models. The CLIP score is recorded beside the FID
+(the result's `quality.secondary`, reference and method); FID is the task's metric.
 
 Reference: `stable-diffusion-v1-5/stable-diffusion-v1-5` (the maintained copy of runwayml's SD v1.5;
 `$BENCH_COCO_REFERENCE`, a local diffusers folder or a hub id, `@revision` to pin), loaded as a

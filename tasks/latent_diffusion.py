@@ -307,10 +307,7 @@ class LatentDiffusionTask(Task):
         self.last_metrics = {"fid": value, **secondary}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
         ctx.progress.log(f"{self.spec.name}: {shown} (features {self.fid.describe()}), n = {self.n}")
-        ev = Evaluation(value, per_image, np.asarray([str(path)]))
-        if hasattr(ev, "metrics"):  # the record's secondary metrics, where the harness's Evaluation carries them
-            ev.metrics.update(secondary)
-        return ev
+        return Evaluation(value, per_image, np.asarray([str(path)]), metrics=secondary)  # recorded beside FID
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
         return "ssim_to_reference", image_ssim(load_images(str(reference.outputs[0])),

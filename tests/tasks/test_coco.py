@@ -145,6 +145,7 @@ def test_evaluation_fid_clip_score_and_fidelity(env):
     task, subject = reference(ctx)
     ev = task.evaluate(subject, ctx)
     assert ev.per_example.shape == (5,) and ev.per_example.mean() == pytest.approx(ev.value)
+    assert ev.metrics == {"clip_score": task.last_metrics["clip_score"]}
     images = load_images(str(ev.outputs[0]))
     assert images.shape == (5, 3, 16, 16) and images.dtype == torch.uint8
     paths = [env["data"] / "val2014" / f for _, f, _ in task.items]
@@ -243,4 +244,6 @@ def test_methods_run_on_coco_through_the_runner(env, results_root, method, overr
         assert r.quality.delta == 0 and r.fidelity.value == pytest.approx(1.0)
     if method == "deepcache":
         assert r.method_stats["nfe_partial"] > 0 and r.compute.method < r.compute.reference
+    clip = r.quality.secondary["clip_score"]  # the CLIP score, recorded beside FID for both arms
+    assert 0 <= clip.value <= 100 and 0 <= clip.reference_value <= 100
     assert np.isfinite(r.quality.value)
