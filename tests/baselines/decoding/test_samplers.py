@@ -65,16 +65,33 @@ def test_samplers_keep_an_inner_batch_hook(setup):
     assert calls == [1, 1] and applied.stats()["nfe"] == 3
 
 
-def test_higher_order_solvers_get_closer_to_the_reference_than_ddim_at_10_steps(setup):
-    task, ref = setup
-    if not task.reference_sha256:
-        pytest.skip("needs the published (trained) reference: an untrained denoiser has no ODE to follow")
+def test_higher_order_solvers_are_closer_to_the_exact_ode_solution_than_ddim_at_10_steps():
+    """On Gaussian data x0 ~ N(0, s^2) the optimal epsilon-model is known in closed form,
+    eps*(x_t, t) = sqrt(1 - abar_t) x_t / (abar_t s^2 + 1 - abar_t), and the probability-flow ODE is linear:
+    x_0 = x_T * s / sqrt(abar_T s^2 + 1 - abar_T). Each sampler runs the task's own loop and schedule on this
+    model (x0 clipping off: the data is unbounded), and the second-order solvers must land closer to x_0 than
+    first-order DDIM at 10 steps. (The trained digits references are no test of this: their sampled paths at
+    different step counts differ far more than any solver's error, and clipping makes them no pure ODE.)"""
+    from tasks.base import Subject
+
+    s = 0.5
+    abar = diffusion.reference_scheduler().alphas_cumprod
+
+    def eps_star(model, x, t, labels, step_index):
+        a = abar[int(t)]
+        return (1 - a).sqrt() * x / (a * s * s + 1 - a)
+
+    extra = diffusion.sampling_extra("unet")
+    extra.update(denoise=eps_star, scheduler=type(extra["scheduler"]).from_config(extra["scheduler"].config,
+                                                                                   thresholding=False))
+    gaussian = Subject(torch.nn.Identity(), "image-generation", extra)
     noise, labels = diffusion.eval_inputs(16, 7)
-    target = diffusion.sample(ref, noise, labels)
+    a_T = abar[int(diffusion.TRAIN_TIMESTEPS - 1)]
+    exact = noise * s / (a_T * s * s + 1 - a_T).sqrt()
     err = {}
     for name in ("ddim", "dpm-solver", "unipc"):
-        sub = create_method(name, {"num_inference_steps": "10"}).apply(ref, task, make_ctx()).subject
-        err[name] = float((diffusion.sample(sub, noise, labels) - target).pow(2).mean())
+        sub = create_method(name, {"num_inference_steps": "10"}).apply(gaussian, None, make_ctx()).subject
+        err[name] = float((diffusion.sample(sub, noise, labels) - exact).pow(2).mean())
     assert err["dpm-solver"] < err["ddim"] and err["unipc"] < err["ddim"], err
 
 
