@@ -137,9 +137,9 @@ def test_verification_records_must_sit_beside_what_they_verify(good_record, tmp_
 def test_the_report_names_each_problem_and_exits_1(good_record, tmp_path):
     root, path = tree(good_record, tmp_path, lambda d: d["provenance"].update(git_dirty=True))
     r = cli.invoke(app, ["check", "--results-dir", str(root), "--no-smoke", "--base", "HEAD"],
-                   env={"COLUMNS": "250"})
+                   env={"COLUMNS": "400"})  # wide enough that rich never wraps the record's path in the table
     assert r.exit_code == 1, r.output
-    assert "FAILED: 1 errors" in r.output and path.name in r.output and "uncommitted changes" in r.output
+    assert "FAILED: 1 errors" in r.output and path.name in r.output and "uncommitted changes" in r.output, r.output
     root2, _ = tree(good_record, tmp_path / "ok")
     r = cli.invoke(app, ["check", "--results-dir", str(root2), "--no-smoke", "--base", "HEAD"],
                    env={"COLUMNS": "250"})
