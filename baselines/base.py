@@ -22,6 +22,7 @@ class Cost:
     steps: int = 0  # optimiser steps or calibration batches
     samples_seen: int = 0
     description: str = "none"
+    tokens_seen: int | None = None  # tokens trained on, for language models (None: not counted)
 
 
 @dataclass

@@ -43,7 +43,10 @@ def summary_table(r: Result, path: Path | None = None) -> Table:
         if r.fidelity:
             t.add_row(r.fidelity.metric, "", f"{r.fidelity.value:.4g}", "")
         for ctl in r.controls:
-            t.add_row(f"control: {ctl.name}", "", _q(ctl.value, q.metric), f"method - control {_delta(q.value - ctl.value, q.metric)}")
+            gi = ctl.gain_interval
+            gci = f" [{_delta(gi.low, q.metric)}, {_delta(gi.high, q.metric)}]" if gi else ""
+            t.add_row(f"control: {ctl.name}", "", _q(ctl.value, q.metric),
+                      f"method - control {_delta(q.value - ctl.value, q.metric)}{gci}")
         t.add_row("time per call (median)", f"{s.reference.median_s * 1e3:.3f} ms", f"{s.method.median_s * 1e3:.3f} ms",
                   f"speedup {s.speedup:.3f}x [{s.interval.low:.3f}, {s.interval.high:.3f}] (n={s.reference.n})")
         t.add_row("peak memory", _bytes(m.reference_peak_bytes), _bytes(m.method_peak_bytes),
@@ -56,7 +59,8 @@ def summary_table(r: Result, path: Path | None = None) -> Table:
         if r.compute:
             t.add_row(f"{r.compute.unit} per call", f"{r.compute.reference:.3g}", f"{r.compute.method:.3g}",
                       f"{r.compute.method / max(r.compute.reference, 1):.3f}x")
-        t.add_row("method cost", "", f"{c.seconds:.1f} s, {c.steps} steps", c.description)
+        tokens = f", {c.tokens_seen:,} tokens" if c.tokens_seen is not None else ""
+        t.add_row("method cost", "", f"{c.seconds:.1f} s, {c.steps} steps{tokens}", c.description)
     if not r.profile.matched:
         t.add_row("profile mismatch", "", "; ".join(r.profile.mismatches), "")
     t.caption = f"{path}" if path else None

@@ -109,6 +109,8 @@ class Control(_M):
     value: float
     interval: Interval | None = None
     cost_seconds: float | None = None
+    gain_interval: Interval | None = Field(None, description="paired 95% bootstrap interval of the method's value "
+                                           "minus the control's, on the same evaluation examples")
 
 
 class ArmTiming(_M):
@@ -157,6 +159,7 @@ class Cost(_M):
     seconds: float = Field(ge=0, description="wall time of the method's own training or calibration")
     steps: int = Field(ge=0)
     samples_seen: int = Field(ge=0)
+    tokens_seen: int | None = Field(None, ge=0, description="tokens the method trained on (language models)")
     description: str = ""
 
 

@@ -157,8 +157,15 @@ def _measure(task, method, ref_w, ctx: RunContext) -> dict:
         secondary={k: Secondary(value=v, reference_value=ref_eval.metrics[k]) for k, v in met_eval.metrics.items()
                    if k in ref_eval.metrics})
     fid_metric, fid_value = task.fidelity(ref_eval, met_eval)
+
+    def gain(c):  # method minus control, paired over the same examples
+        if c.per_example is None or np.shape(c.per_example) != np.shape(met_eval.per_example):
+            return None
+        return _interval(paired_delta_interval(met_eval.per_example, c.per_example))
+
     controls = [Control(name=c.name, description=c.description, value=c.value, cost_seconds=c.cost_seconds,
-                        interval=_interval(bootstrap_interval(c.per_example)) if c.per_example is not None else None)
+                        interval=_interval(bootstrap_interval(c.per_example)) if c.per_example is not None else None,
+                        gain_interval=gain(c))
                 for c in applied.controls]
 
     ref_fn, items, unit = task.workload(reference, ctx)
@@ -186,5 +193,6 @@ def _measure(task, method, ref_w, ctx: RunContext) -> dict:
         size=Size(reference=ref_size, method=met_size, sparsity=float(np.clip(sparsity, 0, 1)),
                   runtime_exploits_sparsity=applied.runtime_exploits_sparsity),
         compute=Compute(unit="MACs", reference=count_macs(ref_fn), method=count_macs(met_fn)),
-        cost=Cost(seconds=c.seconds, steps=c.steps, samples_seen=c.samples_seen, description=c.description),
+        cost=Cost(seconds=c.seconds, steps=c.steps, samples_seen=c.samples_seen, tokens_seen=c.tokens_seen,
+                  description=c.description),
     )

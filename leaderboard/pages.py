@@ -155,7 +155,10 @@ def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
         if r.fidelity:
             compare.append((r.fidelity.metric, "", f"{r.fidelity.value:.4g}", ""))
         for ctl in r.controls:
-            compare.append((f"control: {ctl.name}", "", fq(ctl.value, metric), ctl.description))
+            gi = ctl.gain_interval
+            gain = (f"method - control {fdelta(q.value - ctl.value, metric)} [{fdelta(gi.low, metric)}, "
+                    f"{fdelta(gi.high, metric)}]; " if gi else "")
+            compare.append((f"control: {ctl.name}", "", fq(ctl.value, metric), gain + ctl.description))
         compare.append((f"time per call ({s.unit})", f"{s.reference.median_s * 1e3:.3f} ms",
                         f"{s.method.median_s * 1e3:.3f} ms",
                         f"speedup {fspeed(s.speedup)} [{fspeed(s.interval.low)}, {fspeed(s.interval.high)}] "
@@ -168,8 +171,9 @@ def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
         compare.append(("serialized size", fbytes(z.reference.bytes), fbytes(z.method.bytes), ""))
         if r.compute:
             compare.append((f"{r.compute.unit} per call", f"{r.compute.reference:.3g}", f"{r.compute.method:.3g}", ""))
+        tokens = f", {c.tokens_seen:,} tokens" if c.tokens_seen is not None else ""
         compare.append(("training / calibration", "", f"{fsecs(c.seconds)}, {c.steps:,} steps, "
-                        f"{c.samples_seen:,} samples", c.description))
+                        f"{c.samples_seen:,} samples{tokens}", c.description))
     p, d = r.provenance, json.loads(raw)  # the record as written: every field, in the file's order
     sections = [
         ("Run", [("run id", r.run_id), ("created", r.created_at), ("status", r.status), ("seed", str(r.seed)),

@@ -124,6 +124,7 @@ class TrainStats:
     seconds: float = 0.0
     steps: int = 0
     samples_seen: int = 0
+    tokens_seen: int = 0  # tokens of the sequences trained on (prompt and completion, padding excluded)
     final_loss: float = float("nan")
 
 
@@ -192,11 +193,15 @@ def completion_loss(logits: "torch.Tensor", labels: "torch.Tensor") -> "torch.Te
 def fit_lm(model: "PreTrainedModel", examples: list[Example], recipe: LMRecipe, ctx: RunContext,
            seed: int, description: str, pad_id: int,
            loss_fn: Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
-           | None = None) -> TrainStats:
+           | None = None,
+           batch_loss: Callable[["PreTrainedModel", "torch.Tensor", "torch.Tensor", "torch.Tensor"],
+                                tuple["torch.Tensor", int]] | None = None) -> TrainStats:
     """Train `model` in place (AdamW, warm-up + cosine, gradient clipping), deterministically for `seed`.
 
     `loss_fn(logits, input_ids, attention_mask, labels)` replaces the completion cross-entropy
-    (distillation passes its own). Under `--budget smoke` training stops after `SMOKE_STEPS` steps."""
+    (distillation passes its own). `batch_loss(model, input_ids, attention_mask, labels)` replaces the forward
+    pass as well and returns `(loss, tokens trained on)`: on-policy distillation trains on sequences it
+    samples from the batch's prompts. Under `--budget smoke` training stops after `SMOKE_STEPS` steps."""
     import math
 
     import torch
@@ -230,8 +235,12 @@ def fit_lm(model: "PreTrainedModel", examples: list[Example], recipe: LMRecipe, 
                 queue = _batches(lengths, recipe.batch_size, gen)
             idx = queue.pop(0)
             ids, mask, labels = (t.to(ctx.device) for t in collate(examples, idx, pad_id))
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = completion_loss(logits, labels) if loss_fn is None else loss_fn(logits, ids, mask, labels)
+            if batch_loss is not None:
+                loss, tokens = batch_loss(model, ids, mask, labels)
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                loss = completion_loss(logits, labels) if loss_fn is None else loss_fn(logits, ids, mask, labels)
+                tokens = int(mask.sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
@@ -241,6 +250,7 @@ def fit_lm(model: "PreTrainedModel", examples: list[Example], recipe: LMRecipe, 
             running = value if running is None else 0.98 * running + 0.02 * value
             stats.steps += 1
             stats.samples_seen += len(idx)
+            stats.tokens_seen += tokens
             advance(1)
     stats.seconds = time.perf_counter() - t0
     stats.final_loss = float(running) if running is not None else float("nan")
