@@ -1,0 +1,209 @@
+"""Shared machinery of the encoder distillation methods (`distilbert`, `tinybert`) on `arith-nli` and `glue-*`.
+
+Data and loop. Both tasks' training splits become one `tasks.classification.Split` of packed integer batches
+`x = [N, k, L]` (one row per model input), trained by the shared `tasks.classification.fit` (Adam, cosine,
+the smoke budget's cap): `arith-nli`'s own encoded training pairs (`task.train`, (token ids, segment ids),
+read by its `PairClassifier.inputs`), and `glue-*`'s training split (the hub's `train`, or
+`<BENCH_GLUE_DATA>/<config>/train-*.parquet`) tokenized as the task tokenizes its evaluation split and read
+by `Packed`, a module with the same interface around a Hugging Face classifier. The recipe is the task's
+`student_recipe` (arith-nli), else `GLUE_RECIPE`.
+
+Internals. `Recorder` hooks a BERT (`model.base_model.embeddings`, `.encoder.layer`) and keeps, for the last
+forward pass, the embedding output, each layer's output and each layer's unnormalised attention scores
+Q K^T / sqrt(d_head) (from hooks on the query and key projections: transformers returns only the softmax
+probabilities, and TinyBERT fits the scores). Losses are averaged over real tokens (and real token pairs for
+attention), never padding.
+
+The control. The distilled student's architecture, from a fresh seeded init, trained by the same loop and
+recipe on the labels alone, cached (weights, its seconds, its evaluation) per task, data, architecture, recipe,
+seed and device.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from baselines.base import ControlResult
+from tasks.classification import TrainRecipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from tasks.base import RunContext, Task
+    from tasks.classification import Split
+
+GLUE_RECIPE = TrainRecipe(epochs=3, lr=5e-5, batch_size=32)  # BERT's GLUE fine-tuning (Devlin et al. 2019)
+
+
+@functools.cache
+def packed_class():
+    """`Packed(hf, keys)`: forward(x [B, k, L]) -> logits, x's rows being `keys` (an attention mask among them)."""
+    from torch import nn
+
+    class Packed(nn.Module):
+        def __init__(self, hf, keys: tuple[str, ...]):
+            super().__init__()
+            self.hf, self.keys = hf, tuple(keys)
+
+        def inputs(self, x: "torch.Tensor") -> dict:
+            n = int(x[:, self.keys.index("attention_mask")].sum(dim=1).max())
+            return {k: x[:, i, :n] for i, k in enumerate(self.keys)}
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            return self.hf(**self.inputs(x)).logits
+
+    return Packed
+
+
+def glue_keys(task: "Task") -> tuple[str, ...]:
+    names = task.tokenizer.model_input_names
+    return tuple(k for k in ("input_ids", "token_type_ids", "attention_mask") if k in names)
+
+
+def packed(model, task: "Task"):
+    """The model with `.hf` and `.inputs(x)`: arith-nli's own wrapper, or a glue model wrapped."""
+    return model if hasattr(model, "inputs") else packed_class()(model, glue_keys(task))
+
+
+def unpacked(model, task: "Task"):
+    """What the task's subject holds: arith-nli's wrapper itself, a glue model without `Packed`."""
+    return model if not isinstance(model, packed_class()) else model.hf
+
+
+def training_data(task: "Task") -> "Split":
+    import torch
+
+    from tasks.classification import Split
+
+    if hasattr(task, "glue"):
+        from tasks import glue
+
+        ds = glue.load_split(replace(task.glue, split="train"))
+        enc = task.tokenizer(*[list(ds[c]) for c in task.glue.text], truncation=True, max_length=glue.MAX_LENGTH,
+                             padding=True, return_tensors="pt")
+        x = torch.stack([enc[k] for k in glue_keys(task)], dim=1)
+        return Split(x, torch.tensor(list(ds["label"]), dtype=torch.int64))
+    if isinstance(getattr(task, "train", None), Split):
+        return task.train
+    raise ValueError(f"no training split for encoder distillation on task {task.spec.name!r}: supported are "
+                     f"arith-nli, glue-sst2, glue-mnli")
+
+
+def recipe_of(task: "Task") -> TrainRecipe:
+    return getattr(task, "student_recipe", None) or GLUE_RECIPE
+
+
+def frozen(model, ctx: "RunContext"):
+    model = copy.deepcopy(model).to(ctx.device).float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def fresh_like(model, config, seed: int = 0):
+    """A fresh, seeded init of `model`'s packed architecture with `config`."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(model, packed_class()):
+            return packed_class()(type(model.hf)(config), model.keys)
+        return type(model)(config)  # arith-nli's PairClassifier(config)
+
+
+# ---- internals ---------------------------------------------------------------------------------------------
+
+def bert_parts(model):
+    """(embeddings, layers) of a BERT-style encoder inside `model` (packed or not)."""
+    hf = getattr(model, "hf", model)
+    base = getattr(hf, "base_model", hf)
+    emb, enc = getattr(base, "embeddings", None), getattr(base, "encoder", None)
+    if emb is None or not hasattr(enc, "layer"):
+        raise ValueError(f"{type(hf).__name__} is not a BERT-style encoder (embeddings + encoder.layer): "
+                         f"distilbert and tinybert support BERT models (arith-nli, glue-sst2, glue-mnli)")
+    return emb, enc.layer
+
+
+class Recorder:
+    """Forward hooks on a BERT that keep the last pass's embedding output, layer outputs and Q/K projections."""
+
+    def __init__(self, model):
+        emb, layers = bert_parts(model)
+        self.hidden: list = [None] * (len(layers) + 1)  # [embeddings, layer 1, ..., layer N]
+        self.qk: list = [[None, None] for _ in layers]
+        self.heads = [layer.attention.self.attention_head_size for layer in layers]
+        self.handles = [emb.register_forward_hook(self._keep(self.hidden, 0))]
+        for i, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_hook(self._keep(self.hidden, i + 1)))
+            self.handles.append(layer.attention.self.query.register_forward_hook(self._keep(self.qk[i], 0)))
+            self.handles.append(layer.attention.self.key.register_forward_hook(self._keep(self.qk[i], 1)))
+
+    @staticmethod
+    def _keep(store, i):
+        def hook(module, args, output):
+            store[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def scores(self, layer: int) -> "torch.Tensor":
+        """Unnormalised attention scores [B, H, L, L] of layer `layer` (1-based) in the last pass."""
+        q, k = self.qk[layer - 1]
+        d = self.heads[layer - 1]
+        q = q.view(*q.shape[:2], -1, d).transpose(1, 2)
+        k = k.view(*k.shape[:2], -1, d).transpose(1, 2)
+        return q @ k.transpose(-1, -2) * d ** -0.5
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def token_mask(model, x: "torch.Tensor") -> "torch.Tensor":
+    """[B, L] bool of the real tokens as the packed model reads batch x (padding columns cut)."""
+    return model.inputs(x)["attention_mask"].bool()
+
+
+def masked_mse(a: "torch.Tensor", b: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
+    """Mean squared error over the positions where `mask` (broadcast to a's leading dims) is set."""
+    m = mask.to(a.dtype)
+    while m.dim() < a.dim():
+        m = m.unsqueeze(-1)
+    m = m.expand_as(a)
+    return ((a - b) ** 2 * m).sum() / m.sum().clamp(min=1)
+
+
+# ---- training and the control -------------------------------------------------------------------------------
+
+def control(task: "Task", ctx: "RunContext", student, data: "Split", recipe: TrainRecipe, what: str) -> ControlResult:
+    """`student`'s architecture from a fresh init trained on the labels alone (see the module docstring)."""
+    from bench import cache
+    from tasks.base import Evaluation
+    from tasks.classification import fit, seed_everything
+
+    config = getattr(student, "hf", student).config
+    k = cache.key(task.spec.version, task.data_fingerprint(), config.to_json_string(use_diff=False), recipe,
+                  ctx.seed, ctx.budget, ctx.device)
+    folder = cache.cache_dir() / "tasks" / task.spec.name / f"v{task.spec.version}" / "controls"
+    path = folder / f"encoder-student-{k}.safetensors"
+    seconds = {"value": None}
+
+    def build() -> dict:
+        seed_everything(ctx.seed)
+        model = fresh_like(student, config).to(ctx.device)
+        stats = fit(model, data, recipe, ctx, seed=ctx.seed,
+                    description="Training the same student without the teacher (control, cached)")
+        seconds["value"] = stats.seconds
+        return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+    state, digest, _ = cache.cached_weights(path, build)
+    cost, _ = cache.cached_json(path.with_suffix(".cost.json"), lambda: {"seconds": seconds["value"]})
+    model = fresh_like(student, config)
+    model.load_state_dict(state)
+    subject = task.prepare(unpacked(model, task), ctx)
+    ev_path = folder / f"encoder-student-eval-{cache.key(digest, ctx.profile.name, ctx.seed, ctx.budget)}.json"
+    payload, _ = cache.cached_json(ev_path, lambda: task.evaluate(subject, ctx).to_json())
+    ev = Evaluation.from_json(payload)
+    return ControlResult("student_without_teacher", f"{what}, from a fresh init, trained by the same recipe and "
+                         f"seed on the labels alone", ev.value, ev.per_example, cost["seconds"])

@@ -1,0 +1,92 @@
+"""Every distillation method end to end through the runner on the full tasks, offline: `gsm8k` for the LM
+methods, `glue-sst2` and `glue-mnli` for the encoder methods, on fixture files in the real formats (train
+splits included: the students train on them) and tiny random models, at the smoke budget (20 steps)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.registry import METHODS, get_method_spec, get_task_spec
+from bench.runner import run
+from bench.store import load_result
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "tasks"))  # the task tests' fixture writers
+
+import test_glue as glue_fixtures  # noqa: E402
+import test_gsm8k as gsm8k_fixtures  # noqa: E402
+
+LANGUAGE = {"causal-lm", "text-classification"}  # kd (images) has its own full task, cifar10
+DISTILLATION = [n for n in METHODS.names()
+                if METHODS.get(n).family == "distillation" and LANGUAGE & set(METHODS.get(n).modalities)]
+FULL = ["gsm8k", "glue-sst2", "glue-mnli"]
+CASES = [(t, m) for t in FULL for m in DISTILLATION if get_task_spec(t).modality in get_method_spec(m).modalities]
+SHORT = {"max_new_tokens": "12", "batch_size": "2"}  # on-policy sampling from a random model runs to the limit
+# a gsm8k run costs ~40 s of CPU, mostly lm-eval's 5-shot evaluations (reference, student, control): kd-lm keeps
+# the task's path (train split, draft student, control, evaluation) in the default suite; the other LM methods'
+# own mechanics have fast tests on a stand-in task, and their gsm8k runs are slow
+FAST = {("gsm8k", "kd-lm")}
+PARAMS = [pytest.param(t, m, marks=() if t != "gsm8k" or (t, m) in FAST else pytest.mark.slow) for t, m in CASES]
+
+
+@pytest.fixture(scope="module")
+def full_env(tmp_path_factory):
+    from tasks import glue, gsm8k, lm
+
+    root = tmp_path_factory.mktemp("full")
+    data = root / "gsm8k"
+    data.mkdir()
+    gsm8k_fixtures.write_jsonl(data / "train.jsonl", gsm8k_fixtures.TRAIN)
+    gsm8k_fixtures.write_jsonl(data / "test.jsonl", gsm8k_fixtures.TEST)
+    rows = gsm8k_fixtures.TRAIN + gsm8k_fixtures.TEST
+    tok = lm.train_tokenizer([lm.prompt_of(q) + " " + a for q, a in rows], vocab_size=400)
+    gsm8k_fixtures.save_llama(root / "reference", tok, hidden=32, layers=2, seed=0)
+    gsm8k_fixtures.save_llama(root / "draft", tok, hidden=16, layers=1, seed=1)
+
+    g = root / "glue"
+    sst2, mnli = glue_fixtures.SST2_ROWS, glue_fixtures.MNLI_ROWS
+    for split in ("validation", "train"):  # the students train on the train split
+        glue_fixtures.write_parquet(g / "sst2" / f"{split}-00000-of-00001.parquet",
+                                    {"sentence": [s for s, _ in sst2], "label": [y for _, y in sst2],
+                                     "idx": list(range(len(sst2)))}, glue.SST2.labels)
+    for split in ("validation_matched", "train"):
+        glue_fixtures.write_parquet(g / "mnli" / f"{split}-00000-of-00001.parquet",
+                                    {"premise": [p for p, _, _ in mnli], "hypothesis": [h for _, h, _ in mnli],
+                                     "label": [y for *_, y in mnli], "idx": list(range(len(mnli)))},
+                                    glue.MNLI.labels)
+    glue_fixtures.save_bert(root / "sst2", glue_fixtures.words(s for s, _ in sst2), {0: "negative", 1: "positive"})
+    glue_fixtures.save_bert(root / "mnli", glue_fixtures.words(t for p, h, _ in mnli for t in (p, h)),
+                            {0: "contradiction", 1: "entailment", 2: "neutral"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(gsm8k.DATA_ENV, str(data))
+        mp.setenv(gsm8k.REFERENCE_ENV, str(root / "reference"))
+        mp.setenv(gsm8k.DRAFT_ENV, str(root / "draft"))
+        mp.setenv(glue.DATA_ENV, str(g))
+        mp.setenv(glue.SST2.reference_env, str(root / "sst2"))
+        mp.setenv(glue.MNLI.reference_env, str(root / "mnli"))
+        for spec in (glue.SST2, glue.MNLI):
+            mp.delenv(spec.labels_env, raising=False)
+        yield root
+
+
+def test_every_distillation_method_runs_on_a_full_task():
+    assert {m for _, m in CASES} == set(DISTILLATION)
+    lm_methods = {"kd-lm", "seqkd", "minillm", "gkd"}
+    assert {m for t, m in CASES if t == "gsm8k"} == lm_methods
+    assert {m for t, m in CASES if t.startswith("glue")} == {"distilbert", "tinybert"}
+
+
+@pytest.mark.parametrize("task,method", PARAMS)
+def test_distillation_method_runs_end_to_end_on_a_full_task(full_env, results_root, task, method):
+    overrides = {k: v for k, v in SHORT.items() if k in get_method_spec(method).cls.Config.__dataclass_fields__}
+    r = load_result(run(task, method, budget="smoke", overrides=overrides, results_root=results_root).path,
+                    results_root)
+    assert r.status == "ok" and r.task.tier == "full" and r.method.family == "distillation"
+    assert 0 < r.cost.steps <= 40 and r.cost.seconds > 0  # tinybert's two stages: 20 steps each
+    assert [c.name for c in r.controls] == ["student_without_teacher"]
+    assert r.controls[0].gain_interval is not None  # method minus control, paired over the same examples
+    assert r.size.method.parameters < r.size.reference.parameters  # a smaller student
+    if task == "gsm8k":
+        assert r.cost.tokens_seen > 0
