@@ -3,11 +3,21 @@
 Row 1 is the published reference (DDIM, 50 steps); each further row is one method applied to it with its
 defaults, from the same initial noise and labels (digits 0-9, one per column), so a row that drifts from the
 first is the method's loss of fidelity. With no methods: a 10 x 10 grid of the reference's samples.
+A method may carry config overrides, as `bench run --set` takes them, after a colon and separated by colons:
+`lcm:num_inference_steps=1` or `ddim:num_inference_steps=10` (a plain name keeps its defaults).
 """
 
 from __future__ import annotations
 
 import sys
+
+
+def parse_method(item: str) -> tuple[str, dict[str, str]]:
+    """`"name:k=v:k2=v2"` -> `("name", {"k": "v", "k2": "v2"})`; a plain `"name"` has no overrides."""
+    from bench.config import parse_sets
+
+    name, *sets = item.split(":")
+    return name, parse_sets(sets)
 
 
 def main(task_name: str, out: str, methods: list[str]) -> None:
@@ -26,8 +36,9 @@ def main(task_name: str, out: str, methods: list[str]) -> None:
     reference = task.subject_from_state(task.reference_weights(ctx).state, ctx)
     noise, labels = eval_inputs(10 if methods else 100, 0)
     rows = [to_uint8(sample(reference, noise, labels))]
-    for name in methods:
-        applied = registry.create_method(name, {}).apply(reference, task, ctx)
+    for item in methods:
+        name, overrides = parse_method(item)
+        applied = registry.create_method(name, overrides).apply(reference, task, ctx)
         rows.append(to_uint8(sample(applied.subject, noise, labels)))
     save_grid(torch.cat(rows), out, nrow=10)
 
