@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     import torch
 
+    from baselines.base import Applied
     from tasks.base import RunContext, Subject, Task
 
 BATCH = 16  # calibration examples per forward pass
@@ -253,3 +254,26 @@ def sequential_blocks(model, batches: list[dict], prune_block: Callable[[int, An
         prune_block(i, block, inputs)
         outs = run_block(block, inputs)
         inputs = [replace(inp, hidden=h) for inp, h in zip(inputs, outs)]
+
+
+def one_shot(subject: "Subject", task: "Task", ctx: "RunContext", cfg, prune: Callable[..., list],
+             what: str) -> "Applied":
+    """Wanda's and SparseGPT's common apply: a float copy of the model, `cfg.calibration_samples` calibration
+    examples, `prune(hf_model, batches)` block by block (skipped at sparsity 0: every block linear, unchanged),
+    and the cost and sparsity stats they report alike. `what` ends the cost's description."""
+    import copy
+    import time
+
+    from baselines.base import Applied, Cost
+    from baselines.pruning import _sparse
+
+    t0 = time.perf_counter()
+    model = copy.deepcopy(subject.model).float()
+    batches = calibration_batches(task, task.prepare(model, ctx), ctx, cfg.calibration_samples)
+    hf = hf_model(model)
+    pruned = prune(hf, batches) if cfg.sparsity > 0 else all_block_linears(hf)
+    tokens = token_count(batches)
+    cost = Cost(time.perf_counter() - t0, len(batches), sum(len(b["input_ids"]) for b in batches),
+                f"one-shot: {tokens} calibration tokens{what}")
+    stats = {**_sparse.pruning_stats(hf, pruned, cfg.structure, cfg.sparsity), "calibration_tokens": tokens}
+    return Applied(task.prepare(model, ctx), cost, runtime_exploits_sparsity=False, stats=lambda: stats)

@@ -28,10 +28,9 @@ the N:M conformity (`baselines.pruning._sparse`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from baselines.base import Applied, Cost, Method
+from baselines.base import Applied, Method
 from baselines.pruning import _sparse
 from bench.config import check_range
 from bench.registry import register_method
@@ -131,21 +130,10 @@ class SparseGPT(Method):
     Config = SparseGPTConfig
 
     def apply(self, subject, task, ctx) -> Applied:
-        import copy
-
         from baselines.pruning import _calib
 
         cfg = self.config
-        t0 = time.perf_counter()
-        model = copy.deepcopy(subject.model).float()
-        batches = _calib.calibration_batches(task, task.prepare(model, ctx), ctx, cfg.calibration_samples)
-        hf = _calib.hf_model(model)
-        if cfg.sparsity > 0:
-            pruned = prune_model(hf, batches, cfg.sparsity, cfg.structure, cfg.block_size, cfg.dampening)
-        else:  # nothing to remove: the reference, unchanged (no reconstruction step either)
-            pruned = _calib.all_block_linears(hf)
-        tokens = _calib.token_count(batches)
-        cost = Cost(time.perf_counter() - t0, len(batches), sum(len(b["input_ids"]) for b in batches),
-                    f"one-shot: {tokens} calibration tokens, Hessians and OBS updates block by block")
-        stats = {**_sparse.pruning_stats(hf, pruned, cfg.structure, cfg.sparsity), "calibration_tokens": tokens}
-        return Applied(task.prepare(model, ctx), cost, runtime_exploits_sparsity=False, stats=lambda: stats)
+        return _calib.one_shot(subject, task, ctx, cfg,
+                               lambda hf, batches: prune_model(hf, batches, cfg.sparsity, cfg.structure,
+                                                               cfg.block_size, cfg.dampening),
+                               ", Hessians and OBS updates block by block")

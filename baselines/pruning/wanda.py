@@ -27,10 +27,9 @@ and, for N:M, whether every group conforms (`baselines.pruning._sparse`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from baselines.base import Applied, Cost, Method
+from baselines.base import Applied, Method
 from baselines.pruning import _sparse
 from bench.config import check_range
 from bench.registry import register_method
@@ -94,19 +93,9 @@ class Wanda(Method):
     Config = WandaConfig
 
     def apply(self, subject, task, ctx) -> Applied:
-        import copy
-
         from baselines.pruning import _calib
 
         cfg = self.config
-        t0 = time.perf_counter()
-        model = copy.deepcopy(subject.model).float()
-        batches = _calib.calibration_batches(task, task.prepare(model, ctx), ctx, cfg.calibration_samples)
-        hf = _calib.hf_model(model)
-        pruned = prune_model(hf, batches, cfg.sparsity, cfg.structure) if cfg.sparsity > 0 else \
-            _calib.all_block_linears(hf)
-        tokens = _calib.token_count(batches)
-        cost = Cost(time.perf_counter() - t0, len(batches), sum(len(b["input_ids"]) for b in batches),
-                    f"one-shot: {tokens} calibration tokens through the model block by block, then masks")
-        stats = {**_sparse.pruning_stats(hf, pruned, cfg.structure, cfg.sparsity), "calibration_tokens": tokens}
-        return Applied(task.prepare(model, ctx), cost, runtime_exploits_sparsity=False, stats=lambda: stats)
+        return _calib.one_shot(subject, task, ctx, cfg,
+                               lambda hf, batches: prune_model(hf, batches, cfg.sparsity, cfg.structure),
+                               " through the model block by block, then masks")
