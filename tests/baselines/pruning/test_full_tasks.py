@@ -15,10 +15,11 @@ from bench.store import load_result
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "tasks"))  # the task tests' fixture writers
 
-import test_glue as glue_fixtures  # noqa: E402
-import test_gsm8k as gsm8k_fixtures  # noqa: E402
+import full_fixtures  # noqa: E402
 
-PRUNING = [n for n in METHODS.names() if METHODS.get(n).family == "pruning"]
+LANGUAGE = {"causal-lm", "text-classification"}  # the image-generation ones run on coco in their own tests
+PRUNING = [n for n in METHODS.names()
+           if METHODS.get(n).family == "pruning" and LANGUAGE & set(METHODS.get(n).modalities)]
 FULL = ["gsm8k", "glue-sst2", "glue-mnli"]
 CASES = [(t, m) for t in FULL for m in PRUNING if get_task_spec(t).modality in get_method_spec(m).modalities]
 STRUCTURAL = {"layer-drop", "head-prune"}
@@ -26,40 +27,7 @@ STRUCTURAL = {"layer-drop", "head-prune"}
 
 @pytest.fixture(scope="module")
 def full_env(tmp_path_factory):
-    from tasks import glue, gsm8k, lm
-
-    root = tmp_path_factory.mktemp("full")
-    data = root / "gsm8k"
-    data.mkdir()
-    gsm8k_fixtures.write_jsonl(data / "train.jsonl", gsm8k_fixtures.TRAIN)
-    gsm8k_fixtures.write_jsonl(data / "test.jsonl", gsm8k_fixtures.TEST)
-    rows = gsm8k_fixtures.TRAIN + gsm8k_fixtures.TEST
-    tok = lm.train_tokenizer([lm.prompt_of(q) + " " + a for q, a in rows], vocab_size=400)
-    gsm8k_fixtures.save_llama(root / "llama", tok, hidden=32, layers=2, seed=0)
-
-    g = root / "glue"
-    sst2, mnli = glue_fixtures.SST2_ROWS, glue_fixtures.MNLI_ROWS
-    for split in ("validation", "train"):  # the train split is what the methods calibrate on
-        glue_fixtures.write_parquet(g / "sst2" / f"{split}-00000-of-00001.parquet",
-                                    {"sentence": [s for s, _ in sst2], "label": [y for _, y in sst2],
-                                     "idx": list(range(len(sst2)))}, glue.SST2.labels)
-    for split in ("validation_matched", "train"):
-        glue_fixtures.write_parquet(g / "mnli" / f"{split}-00000-of-00001.parquet",
-                                    {"premise": [p for p, _, _ in mnli], "hypothesis": [h for _, h, _ in mnli],
-                                     "label": [y for *_, y in mnli], "idx": list(range(len(mnli)))},
-                                    glue.MNLI.labels)
-    glue_fixtures.save_bert(root / "sst2", glue_fixtures.words(s for s, _ in sst2), {0: "negative", 1: "positive"})
-    glue_fixtures.save_bert(root / "mnli", glue_fixtures.words(t for p, h, _ in mnli for t in (p, h)),
-                            {0: "contradiction", 1: "entailment", 2: "neutral"})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(gsm8k.DATA_ENV, str(data))
-        mp.setenv(gsm8k.REFERENCE_ENV, str(root / "llama"))
-        mp.setenv(gsm8k.DRAFT_ENV, str(root / "llama"))
-        mp.setenv(glue.DATA_ENV, str(g))
-        mp.setenv(glue.SST2.reference_env, str(root / "sst2"))
-        mp.setenv(glue.MNLI.reference_env, str(root / "mnli"))
-        for spec in (glue.SST2, glue.MNLI):
-            mp.delenv(spec.labels_env, raising=False)
+    with full_fixtures.full_task_env(tmp_path_factory.mktemp("full"), separate_draft=False) as root:
         yield root
 
 

@@ -1,0 +1,59 @@
+"""Offline stand-ins for the full language tasks (`gsm8k`, `glue-sst2`, `glue-mnli`), shared by the method tests
+that run end to end on them: fixture files in the real formats, train splits included (pruning calibrates on
+them, distillation trains on them), tiny random models, and the environment variables that point the tasks at
+them. Built from the task tests' own fixture writers (`test_gsm8k`, `test_glue`)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import test_glue as glue_fixtures
+import test_gsm8k as gsm8k_fixtures
+
+
+@contextlib.contextmanager
+def full_task_env(root: Path, separate_draft: bool) -> Iterator[Path]:
+    """Write the fixtures under `root` and set the tasks' environment while the context is open. The gsm8k
+    reference is a 2-layer Llama of width 32; its draft is the same model, or with `separate_draft` a 1-layer
+    Llama of width 16 (a student smaller than its teacher)."""
+    from tasks import glue, gsm8k, lm
+
+    data = root / "gsm8k"
+    data.mkdir()
+    gsm8k_fixtures.write_jsonl(data / "train.jsonl", gsm8k_fixtures.TRAIN)
+    gsm8k_fixtures.write_jsonl(data / "test.jsonl", gsm8k_fixtures.TEST)
+    rows = gsm8k_fixtures.TRAIN + gsm8k_fixtures.TEST
+    tok = lm.train_tokenizer([lm.prompt_of(q) + " " + a for q, a in rows], vocab_size=400)
+    gsm8k_fixtures.save_llama(root / "reference", tok, hidden=32, layers=2, seed=0)
+    draft = root / "reference"
+    if separate_draft:
+        draft = root / "draft"
+        gsm8k_fixtures.save_llama(draft, tok, hidden=16, layers=1, seed=1)
+
+    g = root / "glue"
+    sst2, mnli = glue_fixtures.SST2_ROWS, glue_fixtures.MNLI_ROWS
+    for split in ("validation", "train"):
+        glue_fixtures.write_parquet(g / "sst2" / f"{split}-00000-of-00001.parquet",
+                                    {"sentence": [s for s, _ in sst2], "label": [y for _, y in sst2],
+                                     "idx": list(range(len(sst2)))}, glue.SST2.labels)
+    for split in ("validation_matched", "train"):
+        glue_fixtures.write_parquet(g / "mnli" / f"{split}-00000-of-00001.parquet",
+                                    {"premise": [p for p, _, _ in mnli], "hypothesis": [h for _, h, _ in mnli],
+                                     "label": [y for *_, y in mnli], "idx": list(range(len(mnli)))},
+                                    glue.MNLI.labels)
+    glue_fixtures.save_bert(root / "sst2", glue_fixtures.words(s for s, _ in sst2), {0: "negative", 1: "positive"})
+    glue_fixtures.save_bert(root / "mnli", glue_fixtures.words(t for p, h, _ in mnli for t in (p, h)),
+                            {0: "contradiction", 1: "entailment", 2: "neutral"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(gsm8k.DATA_ENV, str(data))
+        mp.setenv(gsm8k.REFERENCE_ENV, str(root / "reference"))
+        mp.setenv(gsm8k.DRAFT_ENV, str(draft))
+        mp.setenv(glue.DATA_ENV, str(g))
+        mp.setenv(glue.SST2.reference_env, str(root / "sst2"))
+        mp.setenv(glue.MNLI.reference_env, str(root / "mnli"))
+        for spec in (glue.SST2, glue.MNLI):
+            mp.delenv(spec.labels_env, raising=False)
+        yield root
