@@ -15,11 +15,12 @@ and published with the tokenizer under `tasks/artifacts/arith-nli/` (`tokenizer.
 `reference.safetensors` in float16), their sha256 recorded below; `bench reference build arith-nli
 [--publish]` rebuilds both, deterministically.
 
-Known failure: the published reference (hidden 128, 2 layers, 475k parameters; 2,500 Adam steps at 5e-4, 886 s
-on the shared machine) predicts one label and scores 50.0%, chance on the balanced pairs. Checking an
-arithmetic answer needs the answer computed inside the encoder, and this recipe does not get there (nor did
-hidden 64 x 2 at 2e-3 or 128 x 4 at 1e-3 in shorter trials). A test marks it as an expected failure until a
-recipe that learns the task (warm-up, more steps, or an easier distractor mix) is published.
+The published reference (hidden 128, 2 layers, 475k parameters; `RECIPE`: 10,000 Adam steps, 821 s on the
+shared 2-core machine) scores 79.8% on the test pairs (predicting `not_entailment` for 39.2% of them). Version 1 of
+the data (distractors mostly the answer off by 1-10) and its 2,500-step recipe left it at chance (50.0%): see
+`tasks.arith_nli_data` for what changed and why. The recipe's warm-up and wider initialisation matter: the
+small encoders sit on a plateau at chance for the first ~2,000 steps either way, and without them did not leave it
+in 1,500-step trials.
 
 Quality: accuracy on the 1,000 test pairs (per-pair 0/1 scores). Fidelity: agreement of the predicted labels
 with the reference's. Workload: classify the 1,000 test pairs at the profile's text-classification batch
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
     import torch
 
 ART = ARTIFACTS / "arith-nli"
-TOKENIZER_SHA256 = "50cebc3d410c1f4befce2069c5aa1d5e9e4b9e6e6e3c50f31a910a7b82c97dcf"
-REFERENCE_SHA256 = "79313027bdee9d284b95b0df554530ff13b3c8beb643693d9a0bee467b2c6c9d"
+TOKENIZER_SHA256 = "1d21880f614075f0e7f24da3193124f84a7d58f6e71b154c881581e00d16cf3b"
+REFERENCE_SHA256 = "bd4ed9a9b203e49b946806ef5b93437fed574e6b58fc2098ddeb643796394168"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class EncoderArch:
     heads: int
     intermediate: int
     max_positions: int = 128  # the longest pair is 69 tokens
+    dropout: float = 0.1  # hidden and attention dropout (BERT's)
+    init_std: float = 0.02  # std of the normal initialisation of weights and embeddings (BERT's)
 
     def config(self, vocab_size: int, pad_id: int):
         from transformers import BertConfig
@@ -64,15 +67,20 @@ class EncoderArch:
         return BertConfig(vocab_size=vocab_size, hidden_size=self.hidden, num_hidden_layers=self.layers,
                           num_attention_heads=self.heads, intermediate_size=self.intermediate,
                           max_position_embeddings=self.max_positions, type_vocab_size=2, pad_token_id=pad_id,
+                          hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
+                          initializer_range=self.init_std,
                           num_labels=len(arith_nli_data.LABELS),
                           id2label=dict(enumerate(arith_nli_data.LABELS)),
                           label2id={n: i for i, n in enumerate(arith_nli_data.LABELS)})
 
 
-REFERENCE_ARCH = EncoderArch(hidden=128, layers=2, heads=4, intermediate=512)  # 475k parameters
-STUDENT_ARCH = EncoderArch(hidden=64, layers=1, heads=2, intermediate=256)  # half the width and the depth
-RECIPE = TrainRecipe(epochs=2, lr=5e-4, batch_size=32)  # 2,500 Adam steps, cosine to zero
-STUDENT_RECIPE = TrainRecipe(epochs=2, lr=5e-4, batch_size=32)  # every arith-nli student trains like this
+# no dropout (the data is not over-fitted: train and test accuracy agree) and a wider initialisation than
+# BERT-base's 0.02 (made for width 768), which left the small encoders longer on the plateau at chance
+REFERENCE_ARCH = EncoderArch(hidden=128, layers=2, heads=4, intermediate=512, dropout=0.0, init_std=0.05)  # 475k
+STUDENT_ARCH = EncoderArch(hidden=64, layers=1, heads=2, intermediate=256, dropout=0.0, init_std=0.05)  # half/half
+# 10,000 Adam steps: 300 of linear warm-up, then cosine to zero; gradient norm clipped at 1 (BERT's recipe)
+RECIPE = TrainRecipe(epochs=8, lr=3e-4, batch_size=32, warmup_steps=300, clip=1.0)
+STUDENT_RECIPE = RECIPE  # every arith-nli student trains like this
 
 
 @functools.cache
@@ -105,7 +113,7 @@ def pair_classifier_class():
 
 
 @register_task("arith-nli", modality="text-classification", tier="embedded", metric="accuracy",
-               higher_is_better=True, version="1",
+               higher_is_better=True, version="2",
                summary="arith's word problems as GLUE-style pairs (is N the answer?); BERT-style encoders")
 class ArithNLI(Task):
     reference_sha256 = REFERENCE_SHA256

@@ -6,15 +6,21 @@ Each `arith` problem gives two pairs with the same premise, its question, and th
 (label 1, `not_entailment`), the label ids of GLUE's RTE and QNLI. Rows have GLUE's fields `premise`,
 `hypothesis`, `label`, `idx` (MNLI's names for the two sentences, RTE's two labels).
 
-The wrong N is a plausible distractor drawn from the problem's own arithmetic (`candidates`): the result of
-an earlier step (what stopping one step short gives), the last step with a different operation (+, -, x or
-exact division of its operands), or the answer off by 1, 2, 3 or 10. Which candidate a problem gets is
-chosen so that the false hypotheses' numbers follow the true ones' distribution: each problem takes the
-candidate whose value is the most under-used so far (true answers with that value in the split minus
-distractors already given it), ties broken by a seeded `random.Random`. So the hypothesis alone says nothing
-about the label (a per-number majority vote learned on the training pairs scores about chance on the test
-pairs; see the tests), and neither does the premise (every premise occurs once with each label): a model has
-to do the arithmetic.
+The wrong N is a plausible distractor (`candidates`): a number written in the question (what copying a given
+gives), the result of an earlier step (what stopping short gives), the last step with a different operation
+(+, -, x or exact division of its operands), or another problem's answer (drawn from the split's true answers)
+that is at least `FAR` away from this one's. Which candidate a problem gets is chosen so that the false
+hypotheses' numbers follow the true ones' distribution: each problem takes the candidate whose value is the
+most under-used so far (true answers with that value in the split minus distractors already given it), ties
+broken by a seeded `random.Random`. So the hypothesis alone says nothing about the label (a per-number
+majority vote learned on the training pairs scores about chance on the test pairs; see the tests), and
+neither does the premise (every premise occurs once with each label): a model has to relate the number to
+the problem, by at least estimating its answer.
+
+Version 1 also offered the answer off by 1, 2, 3 or 10, and those made up most of its distractors (63%):
+telling them apart takes the exact result of up to three chained operations, in one forward pass of the task's
+two-layer encoder, and its reference never left chance (train loss stuck at ln 2 with every recipe tried).
+Version 2 drops them for the other problems' answers, which a model that estimates the answer can reject.
 
 Splits: `train` from arith's 20,000 training problems (40,000 pairs), `test` from its 500 test problems
 (1,000 pairs), pairs of a problem adjacent, in arith's order. Pure Python, deterministic.
@@ -34,34 +40,39 @@ if TYPE_CHECKING:
 
 LABELS = ("entailment", "not_entailment")  # label ids 0 and 1, as in GLUE's RTE and QNLI
 HYPOTHESIS = "The answer is {n}."
-VERSION = "1"  # bump with any change to the pairs this module emits
-NEAR = (-10, -3, -2, -1, 1, 2, 3, 10)  # the "off by a little" distractors
+VERSION = "2"  # bump with any change to the pairs this module emits
+OTHERS = 8  # other problems' answers drawn as candidate distractors for each problem
+FAR = (5, 0.25)  # ...of which those at least max(5, 25% of the answer) from the answer are kept
 MAX_VALUE = 300  # arith's results are all below this; no distractor goes beyond it either
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _EXPR = re.compile(r"(\d+)([-+*/])(\d+)")
+_NUMBER = re.compile(r"\d+")
 
 
-def candidates(problem: dict) -> tuple[int, dict[str, list[int]]]:
-    """(the final answer, {"step": ..., "op": ..., "near": ...}): the problem's plausible wrong answers."""
+def candidates(problem: dict, others: Iterable[int] = ()) -> tuple[int, dict[str, list[int]]]:
+    """(the final answer, {"question": ..., "step": ..., "op": ..., "other": ...}): the problem's plausible wrong
+    answers, `other` being those of `others` (other problems' answers) far enough from this one's (`FAR`)."""
     value = int(arith_data.final_answer(problem["answer"]))
     steps = [(m.group(1), int(m.group(2))) for m in arith_data.ANNOTATION.finditer(problem["answer"])]
     a, _, b = _EXPR.fullmatch(steps[-1][0]).groups()
     a, b = int(a), int(b)
     ok = lambda c: 1 <= c < MAX_VALUE and c != value  # noqa: E731
     return value, {
+        "question": sorted({int(n) for n in _NUMBER.findall(problem["question"]) if ok(int(n))}),
         "step": sorted({r for _, r in steps[:-1] if ok(r)}),
         "op": sorted({c for c in (a + b, a - b, a * b, a // b if a % b == 0 else 0) if ok(c)}),
-        "near": sorted({value + d for d in NEAR if ok(value + d)}),
+        "other": sorted({c for c in others if ok(c) and abs(c - value) >= max(FAR[0], FAR[1] * value)}),
     }
 
 
 def pairs(problems: list[dict], split: str, seed: int = arith_data.SEED) -> list[dict]:
     """Two GLUE-style rows per problem (true and false hypothesis, in an order drawn from the seed)."""
     rng = random.Random(f"arith-nli-{split}-{seed}")
-    need = collections.Counter(int(arith_data.final_answer(p["answer"])) for p in problems)
+    answers = [int(arith_data.final_answer(p["answer"])) for p in problems]
+    need = collections.Counter(answers)
     rows: list[dict] = []
     for p in problems:
-        value, cands = candidates(p)
+        value, cands = candidates(p, [rng.choice(answers) for _ in range(OTHERS)])
         pool = sorted({c for kind in cands.values() for c in kind})
         best = max(need[c] for c in pool)
         wrong = rng.choice([c for c in pool if need[c] == best])

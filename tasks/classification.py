@@ -5,10 +5,12 @@ Module scope stays torch-free (see `bench.registry`); everything heavy is import
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 import time
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable
 
 from tasks.base import Evaluation, RunContext, Subject, Task
@@ -20,12 +22,23 @@ if TYPE_CHECKING:
 SMOKE_STEPS = 20  # optimiser steps of any training under `--budget smoke`
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TrainRecipe:
     epochs: int  # passes over the training split
     lr: float  # Adam learning rate, cosine-annealed to zero
     batch_size: int  # training batch (independent of the profile's timed batch size)
     weight_decay: float = 0.0
+    warmup_steps: int = 0  # steps of linear warm-up from 0 before the cosine; 0: none (cosine from the first step)
+    clip: float = 0.0  # gradient-norm clipping before each step; 0: none
+
+    def __repr__(self) -> str:
+        """The fields, except the optional ones still at their defaults: a recipe that does not use them keeps
+        the repr it had before they existed, and with it the cache keys built from it (`bench.cache.key`)."""
+        shown = [f for f in fields(self) if f.name in _BASE_FIELDS or getattr(self, f.name) != f.default]
+        return f"TrainRecipe({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
+
+
+_BASE_FIELDS = ("epochs", "lr", "batch_size", "weight_decay")  # shown in the repr always
 
 
 @dataclass
@@ -62,7 +75,8 @@ def fit(model: "torch.nn.Module", data: Split, recipe: TrainRecipe, ctx: RunCont
         loss_fn: Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"] | None = None,
         after_step: Callable[[], None] | None = None,
         augment: Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"] | None = None) -> TrainStats:
-    """Train `model` in place with Adam and a cosine schedule, deterministically for a fixed `seed`.
+    """Train `model` in place with Adam and a cosine schedule (after the recipe's linear warm-up, if any; with
+    its gradient clipping, if any), deterministically for a fixed `seed`.
 
     `loss_fn(logits, x, y)` replaces cross-entropy (distillation passes its own); `after_step` runs after
     every optimiser step (pruning re-applies its mask there); `augment(x, generator)` transforms a batch.
@@ -81,7 +95,11 @@ def fit(model: "torch.nn.Module", data: Split, recipe: TrainRecipe, ctx: RunCont
     if ctx.budget != "full":  # smoke: the same code path on a tiny budget
         per_epoch = min(per_epoch, SMOKE_STEPS)
     total = epochs * per_epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+    if recipe.warmup_steps:  # smoke keeps a warm-up of at most a tenth of its steps
+        warm = min(recipe.warmup_steps, max(1, total // 10))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_warmup_cosine, warm=warm, total=total))
+    else:  # no warm-up: exactly the schedule every recipe had before warm-up existed
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
     stats = TrainStats()
     t0 = time.perf_counter()
     with ctx.progress.step(description, total=total) as advance:
@@ -96,6 +114,8 @@ def fit(model: "torch.nn.Module", data: Split, recipe: TrainRecipe, ctx: RunCont
                 loss = F.cross_entropy(logits, yb) if loss_fn is None else loss_fn(logits, xb, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if recipe.clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
                 opt.step()
                 sched.step()
                 if after_step is not None:
@@ -106,6 +126,13 @@ def fit(model: "torch.nn.Module", data: Split, recipe: TrainRecipe, ctx: RunCont
     stats.seconds = time.perf_counter() - t0
     model.eval()
     return stats
+
+
+def _warmup_cosine(step: int, warm: int, total: int) -> float:
+    """The learning-rate factor at `step`: linear from 1/warm to 1 over `warm` steps, then cosine to zero."""
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def predict(model: "torch.nn.Module", x: "torch.Tensor", batch_size: int) -> "torch.Tensor":

@@ -15,9 +15,9 @@ from tasks.arith_nli import ART, ArithNLI
 from tasks.base import RunContext
 
 # sha256 of the pairs as generated (arith_data.fingerprint): a change to either generator shows up here
-TRAIN_FINGERPRINT = "62fad5a694abd3240b56965a179660f014dc7dd9d16255d603f2418ab1845e78"
-TEST_FINGERPRINT = "53a88779d19a48678534fcb617ad2d2645e90b7143eeeff3aab7aa0767b5377c"
-REFERENCE_ACCURACY = 0.5  # the published reference on the 1,000 test pairs, cpu profile (see the module)
+TRAIN_FINGERPRINT = "951b0f8073d8ad5e546db29d6cf6c04150270cf2302ec9aeee42caa0d05071f4"
+TEST_FINGERPRINT = "80e90a30302e5bf0db286521012d23d60647dfc9862618a4a14cb9504d22f25f"
+REFERENCE_ACCURACY = 0.798  # the published reference on the 1,000 test pairs, cpu profile (see the module)
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +58,27 @@ def test_pairs_are_in_glue_layout_balanced_and_pinned(task, problems):
 
 
 def test_true_hypothesis_is_the_answer_and_false_one_a_plausible_distractor(task, problems):
+    kinds = collections.Counter()
     for rows, source in ((task.train_pairs, problems[0]), (task.test_pairs, problems[1])):
+        answers = {int(arith_data.final_answer(p["answer"])) for p in source}
         for i, p in enumerate(source):
             answer = int(arith_data.final_answer(p["answer"]))
             true, false = sorted(rows[2 * i:2 * i + 2], key=lambda r: r["label"])
             assert arith_nli_data.number_of(true["hypothesis"]) == answer
             wrong = arith_nli_data.number_of(false["hypothesis"])
-            assert wrong != answer
-            assert any(wrong in kind for kind in arith_nli_data.candidates(p)[1].values())
-    p = {"question": "", "answer": "A <<4*6=24>>24 b.\nB <<24+5=29>>29 c.\n#### 29"}
-    assert arith_nli_data.candidates(p) == (29, {"step": [24], "op": [19, 120],
-                                                 "near": [19, 26, 27, 28, 30, 31, 32, 39]})
+            assert wrong != answer and 1 <= wrong < arith_nli_data.MAX_VALUE
+            # one of the problem's own candidates, or another problem's answer far enough from this one
+            own = [k for k, values in arith_nli_data.candidates(p)[1].items() if wrong in values]
+            gap, share = arith_nli_data.FAR
+            far = wrong in answers and abs(wrong - answer) >= max(gap, share * answer)
+            assert own or far
+            kinds.update(own or ["other"])
+    assert all(kinds[k] > 1000 for k in ("question", "step", "op", "other")), kinds  # every kind is used
+    p = {"question": "Ava has 4 bags with 6 pens in each and 5 more pens.",
+         "answer": "A <<4*6=24>>24 b.\nB <<24+5=29>>29 c.\n#### 29"}
+    assert arith_nli_data.candidates(p) == (29, {"question": [4, 5, 6], "step": [24], "op": [19, 120], "other": []})
+    # other answers are kept at least max(5, 25% of 29) = 7.25 away from 29, and in range
+    assert arith_nli_data.candidates(p, [29, 30, 20, 7, 300, 22, 36, 37])[1]["other"] == [7, 20, 37]
 
 
 def test_the_hypothesis_alone_does_not_give_the_label(task):
@@ -125,6 +135,20 @@ def test_encoded_splits_and_student(task):
         assert student(x[:8]).shape == (8, 2)
 
 
+def test_the_recipes_warm_up_and_clipping_are_optional():
+    """arith-nli's recipes use `TrainRecipe`'s warm-up and clipping; a recipe without them keeps its old repr (the
+    cache keys of every other task's trained models are built from it) and its schedule (no warm-up)."""
+    from tasks.classification import TrainRecipe, _warmup_cosine
+
+    assert repr(TrainRecipe(epochs=40, lr=2e-3, batch_size=64)) == \
+        "TrainRecipe(epochs=40, lr=0.002, batch_size=64, weight_decay=0.0)"
+    assert repr(arith_nli.RECIPE) == ("TrainRecipe(epochs=8, lr=0.0003, batch_size=32, weight_decay=0.0, "
+                                      "warmup_steps=300, clip=1.0)")
+    factors = [_warmup_cosine(step, warm=4, total=12) for step in range(12)]
+    assert factors[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert all(a > b for a, b in zip(factors[4:], factors[5:])) and 0 < factors[-1] < 0.05
+
+
 def test_published_reference_is_canonical_and_accurate(task, ctx):
     w = task.reference_weights(ctx)
     assert w.canonical and w.sha256 == arith_nli.REFERENCE_SHA256, w.source
@@ -135,12 +159,14 @@ def test_published_reference_is_canonical_and_accurate(task, ctx):
     assert task.fidelity(ev, ev) == ("label_agreement", 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="known failure: the published arith-nli reference predicts one label "
-                   "(50.0% on the balanced test pairs); its recipe does not learn the task yet (issue 5's note)")
-def test_published_reference_beats_chance(task, ctx):
+def test_published_reference_learned_the_task(task, ctx):
+    """Well above chance, and on both labels: not a model that predicts one label (version 1's reference did)."""
     w = task.reference_weights(ctx)
     ev = task.evaluate(task.subject_from_state(w.state, ctx), ctx)
-    assert ev.value > 0.6
+    labels = task.test.y.numpy()
+    assert ev.value > 0.75
+    for label in (0, 1):
+        assert ev.per_example[labels == label].mean() > 0.65, label
 
 
 def test_a_whole_run_with_the_unchanged_reference(tmp_path, monkeypatch):
