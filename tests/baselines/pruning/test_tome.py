@@ -51,7 +51,7 @@ def test_ratio_zero_reproduces_the_reference_bit_for_bit(backbone):
     s = subject(backbone)
     noise, labels = eval_inputs(3, 0)
     ref_eps, ref_images = eps_trace(s, noise, labels)
-    applied = tome(s, ratio=0)
+    applied = tome(s, ratio=0, merge_mlp=True)
     eps, images = eps_trace(applied.subject, noise, labels)
     assert torch.equal(eps, ref_eps) and torch.equal(images, ref_images)
     stats = applied.stats()
@@ -71,7 +71,7 @@ def test_merging_changes_the_output_and_removes_macs(backbone):
     s = subject(backbone)
     noise, labels = eval_inputs(2, 0)
     ref_eps, _ = eps_trace(s, noise, labels)
-    applied = tome(s, ratio=0.5)
+    applied = tome(s, ratio=0.5, merge_mlp=True)
     eps, _ = eps_trace(applied.subject, noise, labels)
     assert torch.isfinite(eps).all() and not torch.allclose(eps, ref_eps, atol=1e-4)
     assert applied.stats()["merged_token_fraction"] == pytest.approx(0.5)
@@ -80,7 +80,8 @@ def test_merging_changes_the_output_and_removes_macs(backbone):
         ref_macs = count_macs(lambda: s.extra["denoise"](s.model, x, t, labels, 0))
         macs = count_macs(lambda: s.extra["denoise"](applied.subject.model, x, t, labels, 0))
     assert macs < (0.7 if backbone == "dit" else 1.0) * ref_macs  # the DiT's MLPs merge too
-    prop = tome(s, ratio=0.5, proportional_attention=True)
+    assert tome(s).stats()["mlp_layers"] == 0  # ToMe-SD's default: the self-attention only
+    prop = tome(s, ratio=0.5, merge_mlp=True, proportional_attention=True)
     assert not torch.allclose(eps_trace(prop.subject, noise, labels)[0], eps, atol=1e-6)
 
 
@@ -181,7 +182,7 @@ def test_on_the_coco_tasks_stable_diffusion_unet(tmp_path, monkeypatch):
     ref = sample(s, noise, text)
     same = create_method("tome", {"ratio": "0"}).apply(s, task, ctx)
     assert torch.equal(sample(same.subject, noise, text), ref)
-    merged = create_method("tome", {"ratio": "0.5"}).apply(s, task, ctx)
+    merged = create_method("tome", {"ratio": "0.5", "merge_mlp": "true"}).apply(s, task, ctx)
     images = sample(merged.subject, noise, text)
     assert images.shape == ref.shape and torch.isfinite(images).all() and not torch.equal(images, ref)
     stats = merged.stats()
