@@ -111,6 +111,20 @@ def state_digest(model) -> str:
     return h.hexdigest()
 
 
+def student_key(subject, task, cfg: ProgressiveConfig, ctx) -> str:
+    """The cache key of the student: everything its training depends on. The scheduler config enters without
+    diffusers' private `_*` entries: its `_use_default_values` is a list made from a set, whose order changes from
+    process to process with Python's string hashing."""
+    import dataclasses
+
+    from bench import cache
+
+    sched = {k: v for k, v in subject.extra["scheduler"].config.items() if not k.startswith("_")}
+    return cache.key(ALGORITHM_VERSION, task.spec.name, state_digest(subject.model), sched,
+                     dataclasses.asdict(cfg), task.data_fingerprint() if hasattr(task, "data_fingerprint") else None,
+                     ctx.seed, ctx.budget, ctx.device)
+
+
 def sample_with(model, subject, steps: int, noise, labels):
     """Images from `model` in the subject's own sampling loop with its DDIM at `steps` steps."""
     from tasks.base import Subject
@@ -176,7 +190,6 @@ class ProgressiveDistillation(Method):
 
     def apply(self, subject, task, ctx) -> Applied:
         import copy
-        import dataclasses
 
         from diffusers import DDIMScheduler
 
@@ -190,10 +203,7 @@ class ProgressiveDistillation(Method):
         if data is None or not hasattr(data, "x"):
             raise ValueError("progressive trains on the task's training images (task.train.x/.y, as the digits-gen "
                              "tasks have); this task has none")
-        sched_cfg = subject.extra["scheduler"].config
-        key = cache.key(ALGORITHM_VERSION, task.spec.name, state_digest(subject.model), dict(sched_cfg),
-                        dataclasses.asdict(cfg), task.data_fingerprint() if hasattr(task, "data_fingerprint")
-                        else None, ctx.seed, ctx.budget, ctx.device)
+        key = student_key(subject, task, cfg, ctx)
         path = cache.cache_dir() / "methods" / "progressive" / task.spec.name / f"student-{key}.safetensors"
         built: dict = {}
 

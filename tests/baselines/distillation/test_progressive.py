@@ -5,6 +5,7 @@ config's validation, and the method end to end on digits-gen (smoke budget, cach
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -218,6 +219,31 @@ def test_smoke_apply_on_digits_gen_is_cached_deterministic_and_samples_with_the_
     assert cached.cost.seconds == again.cost.seconds
     for k, v in cached.subject.model.state_dict().items():
         assert torch.equal(v, again.subject.model.state_dict()[k])
+
+
+def test_the_cache_key_is_stable_across_processes_and_follows_what_the_student_depends_on(digits_gen):
+    """diffusers' `_use_default_values` comes from a set, so its order changes between processes: the key must
+    not see it; the teacher's weights, the schedule and the config must change it."""
+    import copy
+    import dataclasses
+
+    from baselines.distillation.progressive import student_key
+
+    task, ref, ctx = digits_gen
+    cfg = create_method("progressive").config
+    key = student_key(ref, task, cfg, ctx)
+    sched = ref.extra["scheduler"]
+    used = list(sched.config["_use_default_values"])
+    assert len(used) > 1
+    shuffled = SimpleNamespace(config=dict(sched.config) | {"_use_default_values": used[::-1]})
+    assert student_key(dataclasses.replace(ref, extra=dict(ref.extra, scheduler=shuffled)), task, cfg, ctx) == key
+    other = type(sched).from_config(sched.config, beta_end=0.03)
+    assert student_key(dataclasses.replace(ref, extra=dict(ref.extra, scheduler=other)), task, cfg, ctx) != key
+    assert student_key(ref, task, dataclasses.replace(cfg, lr=2e-4), ctx) != key
+    model = copy.deepcopy(ref.model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert student_key(dataclasses.replace(ref, model=model), task, cfg, ctx) != key
 
 
 def test_a_task_without_training_images_is_refused_with_the_reason(digits_gen):
