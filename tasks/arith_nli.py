@@ -29,6 +29,7 @@ size; items are pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import warnings
@@ -80,7 +81,9 @@ REFERENCE_ARCH = EncoderArch(hidden=128, layers=2, heads=4, intermediate=512, dr
 STUDENT_ARCH = EncoderArch(hidden=64, layers=1, heads=2, intermediate=256, dropout=0.0, init_std=0.05)  # half/half
 # 10,000 Adam steps: 300 of linear warm-up, then cosine to zero; gradient norm clipped at 1 (BERT's recipe)
 RECIPE = TrainRecipe(epochs=8, lr=3e-4, batch_size=32, warmup_steps=300, clip=1.0)
-STUDENT_RECIPE = RECIPE  # every arith-nli student trains like this
+# every arith-nli student trains like this: the reference's recipe for half its steps (5,000), so that a distillation
+# run (the student and its control) takes minutes on the CPU; the narrow student alone reached 63.7% at 10,000 steps
+STUDENT_RECIPE = dataclasses.replace(RECIPE, epochs=4)
 
 
 @functools.cache
