@@ -45,8 +45,9 @@ class LMDistillConfig:
     """The training recipe every LM distillation method shares (and its control with it)."""
 
     init: Literal["draft", "scratch"] = "draft"  # the student's start: the published draft, or a fresh init
-    # optimiser steps: on arith, 1-8 minutes of the 2 CPU cores for the 0.47M student (MiniLLM, which decodes
-    # with both models at every step, the longest), 3x that when other jobs share the cores
+    # optimiser steps: on arith, 8 s (kd-lm) to 65 s (minillm, which decodes with both models at every step) of
+    # the 2 CPU cores for the 0.47M student (the committed results); a quick fine-tune from the draft, where no
+    # method yet separates from its control: pass more (--set steps=1000) for a longer budget
     steps: int = 150
     batch_size: int = 8  # sequences per step
     lr: float = 5e-4  # AdamW peak rate, warm-up then cosine to zero (the draft was trained at 3e-3; use that
