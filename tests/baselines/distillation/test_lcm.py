@@ -129,7 +129,7 @@ def test_lcm_on_digits_gen_trains_caches_and_samples_deterministically(digits):
     before = {k: v.clone() for k, v in subject.model.state_dict().items()}
     applied = create_method("lcm", {"batch_size": "4"}).apply(subject, task, ctx)
     assert all(torch.equal(v, subject.model.state_dict()[k]) for k, v in before.items())  # the reference is untouched
-    assert applied.cost.steps == 20 and applied.cost.seconds > 0 and applied.cost.samples_seen == 80
+    assert applied.cost.steps == 20 and applied.cost.seconds > 0 and applied.cost.samples_seen == 80  # smoke: 20 steps
     assert type(applied.subject.extra["scheduler"]).__name__ == "SeededLCMScheduler"
     assert applied.subject.extra["scheduler"].config.original_inference_steps == 1000 // 50  # k = 50
     student = applied.subject.model.state_dict()
