@@ -14,6 +14,8 @@ changes the decoding procedure is measured by the same code as the reference.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,25 @@ EOS = "<|endoftext|>"
 PAD = "<pad>"
 PROMPT = "Question: {question}\nAnswer:"
 SMOKE_STEPS = 20  # optimiser steps of any training under `--budget smoke`, as for the image tasks
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_type: type) -> str:
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """`{name: cache}` for a causal LM's forward, under the name it takes: transformers 5.25 renamed the
+    `past_key_values` argument (and output) to `cache` and will drop the old name in 5.40; earlier 5.x has only
+    `past_key_values`. Methods that drive the model's KV cache themselves pass it through this."""
+    return {_cache_keyword(type(model)): cache}
+
+
+def output_cache(output):
+    """The KV cache a forward returned (`output.cache` from transformers 5.25, `output.past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def prompt_of(question: str) -> str:

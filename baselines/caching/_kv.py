@@ -87,6 +87,8 @@ def greedy_decode(model, input_ids: "torch.Tensor", attention_mask: "torch.Tenso
     does. Before any eviction the two coincide."""
     import torch
 
+    from tasks.lm import cache_kwargs
+
     row = single_row(input_ids, attention_mask, method)
     device = input_ids.device
     new: list[int] = []
@@ -97,7 +99,7 @@ def greedy_decode(model, input_ids: "torch.Tensor", attention_mask: "torch.Tenso
             q = x.shape[1]
             start = seen if positions == "original" else cache.get_seq_length()
             pos = torch.arange(start, start + q, device=device)[None]
-            logits = model(input_ids=x, position_ids=pos, past_key_values=cache, use_cache=True,
+            logits = model(input_ids=x, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
                            logits_to_keep=1).logits
             seen += q
             counts.kv_tokens_kept = max(counts.kv_tokens_kept, max(l.get_seq_length() for l in cache.layers))

@@ -146,7 +146,7 @@ def scoring(model):
     handles = []
 
     def hook(module, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name from transformers 5.25 on, or before
         layer = cache.layers[module.layer_idx] if cache is not None else None
         if hasattr(layer, "observe"):
             if output[1] is None:

@@ -108,6 +108,8 @@ def jacobi_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: int, 
     import torch
     from transformers import DynamicCache
 
+    from tasks.lm import cache_kwargs
+
     n = block_size
     cache = DynamicCache(config=model.config)
     feed = prompt  # committed tokens whose keys and values are not in the cache yet (first: the prompt)
@@ -117,7 +119,7 @@ def jacobi_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: int, 
     while len(out) < max_new_tokens:
         nb = min(n, max_new_tokens - len(out))  # no guesses beyond the token budget
         block = torch.tensor([guess[:nb - 1]], dtype=feed.dtype, device=feed.device)
-        logits = model(input_ids=torch.cat([feed, block], dim=1), past_key_values=cache, use_cache=True,
+        logits = model(input_ids=torch.cat([feed, block], dim=1), **cache_kwargs(model, cache), use_cache=True,
                        logits_to_keep=nb).logits
         pred = logits[0].argmax(-1).tolist()  # y^(j+1)_1..y^(j+1)_nb
         k = 1

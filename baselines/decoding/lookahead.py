@@ -102,6 +102,8 @@ def lookahead_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: in
     import torch
     from transformers import DynamicCache
 
+    from tasks.lm import cache_kwargs
+
     dev = prompt.device
     cache = DynamicCache(config=model.config)
     history = prompt[0].tolist()
@@ -124,7 +126,7 @@ def lookahead_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: in
         last_level = f + len(level0) + (n - 3) * w  # input index of level N-2's first token
         keep = torch.tensor([f - 1] + list(range(last_level, len(tokens))), device=dev)
         logits = model(input_ids=torch.tensor([tokens], device=dev), position_ids=torch.tensor([pos], device=dev),
-                       attention_mask=_mask(cached, f, allow, model.dtype, dev), past_key_values=cache,
+                       attention_mask=_mask(cached, f, allow, model.dtype, dev), **cache_kwargs(model, cache),
                        use_cache=True, logits_to_keep=keep).logits
         pred = logits[0].argmax(-1).tolist()
         passes += 1

@@ -125,7 +125,9 @@ class SpeculativeStats:
 
 def _forward(model, ids: "torch.Tensor", cache, keep: int) -> "torch.Tensor":
     """Logits of the last `keep` positions of `ids` (1, L), appended to the KV cache."""
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits[0]
+    from tasks.lm import cache_kwargs
+
+    return model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=keep).logits[0]
 
 
 def _rollback(cache, length: int) -> None:

@@ -219,6 +219,8 @@ def sample(student, teacher, prompts: "torch.Tensor", prompt_mask: "torch.Tensor
     including its EOS are real; after it, padding. The teacher runs only when teacher_mix > 0."""
     import torch
 
+    from tasks import lm
+
     mask = prompt_mask.clone()
     pos = positions(mask)
     models = [student] + ([teacher] if teacher_mix > 0 else [])
@@ -241,7 +243,7 @@ def sample(student, teacher, prompts: "torch.Tensor", prompt_mask: "torch.Tensor
         mask = torch.cat([mask, live.long()[:, None]], dim=1)
         last = last + 1
         outs = [m(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
-                  past_key_values=o.past_key_values, use_cache=True) for m, o in zip(models, outs)]
+                  **lm.cache_kwargs(m, lm.output_cache(o)), use_cache=True) for m, o in zip(models, outs)]
     completion = torch.stack(tokens, dim=1)
     comp_mask = torch.stack(real, dim=1)
     seq = torch.cat([prompts, completion], dim=1)

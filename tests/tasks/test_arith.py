@@ -205,3 +205,34 @@ def test_training_is_deterministic(task):
 def test_reference_reaches_its_documented_exact_match(task, reference, ctx):
     ev = task.evaluate(reference, ctx)
     assert ev.value >= 0.5 and ev.per_example.shape == (arith.EVAL_SIZE,)
+
+
+# ---- the KV-cache keyword across transformers versions --------------------------------------------------------
+
+def test_cache_kwargs_follow_the_forward_signature():
+    class Old:
+        def forward(self, input_ids, past_key_values=None, use_cache=False): ...
+
+    class New:
+        def forward(self, input_ids, cache=None, use_cache=False, **kwargs): ...
+
+    assert lm.cache_kwargs(Old(), "c") == {"past_key_values": "c"}
+    assert lm.cache_kwargs(New(), "c") == {"cache": "c"}
+
+
+def test_a_cache_passed_by_cache_kwargs_is_filled_and_used_without_deprecation(task, reference):
+    import warnings
+
+    from transformers import DynamicCache
+
+    model = reference.model
+    ids = torch.tensor([task.tokenizer("Question: 3 + 4\nAnswer:")["input_ids"]])
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the old name warns from transformers 5.25 on
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :-1], **lm.cache_kwargs(model, cache), use_cache=True)
+            assert lm.output_cache(out) is cache and cache.get_seq_length() == ids.shape[1] - 1
+            step = model(input_ids=ids[:, -1:], **lm.cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+            full = model(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)

@@ -15,6 +15,7 @@ from baselines.decoding.speculative import (SpeculativeConfig, SpeculativeDecode
 from bench.config import ConfigError
 from bench.registry import create_method
 from decoding_models import DraftTask, greedy, tiny_llama
+from tasks import lm
 from tasks.base import Subject
 
 P_MIN = 1e-3  # chi-square p-value below which the empirical distribution is declared different (fixed seeds)
@@ -103,7 +104,7 @@ def test_caches_hold_exactly_the_accepted_prefix(target, drafts, prompts):
 
     def fresh_keys(model, tokens):
         cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([tokens]), **lm.cache_kwargs(model, cache), use_cache=True)
         return [layer.keys for layer in cache.layers]
 
     checked = []
