@@ -46,6 +46,11 @@ def cache_kwargs(model, cache) -> dict:
     return {_cache_keyword(type(model)): cache}
 
 
+def passed_cache(kwargs: dict):
+    """The KV cache among the keyword arguments a module was called with, under either name (see `cache_kwargs`)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 def output_cache(output):
     """The KV cache a forward returned (`output.cache` from transformers 5.25, `output.past_key_values` before)."""
     cache = getattr(output, "cache", None)

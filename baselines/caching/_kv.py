@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
 from bench.config import ConfigError, check_range
+from tasks.lm import cache_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -86,8 +87,6 @@ def greedy_decode(model, input_ids: "torch.Tensor", attention_mask: "torch.Tenso
     token its index in the cache (the number of tokens the cache holds before it), which is what StreamingLLM
     does. Before any eviction the two coincide."""
     import torch
-
-    from tasks.lm import cache_kwargs
 
     row = single_row(input_ids, attention_mask, method)
     device = input_ids.device

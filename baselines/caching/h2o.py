@@ -44,6 +44,7 @@ from baselines.base import Applied, Cost, Method
 from baselines.caching._kv import check_in
 from bench.config import ConfigError, check_range
 from bench.registry import register_method
+from tasks.lm import passed_cache
 
 METHOD = "h2o"
 
@@ -146,7 +147,7 @@ def scoring(model):
     handles = []
 
     def hook(module, args, kwargs, output):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name from transformers 5.25 on, or before
+        cache = passed_cache(kwargs)
         layer = cache.layers[module.layer_idx] if cache is not None else None
         if hasattr(layer, "observe"):
             if output[1] is None:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable
 from baselines.base import Applied, Method
 from bench.config import ConfigError, check_range
 from bench.registry import register_method
+from tasks.lm import cache_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -107,8 +108,6 @@ def jacobi_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: int, 
     """Greedy Jacobi decoding of one prompt (1, L); returns the generated ids (up to and including EOS)."""
     import torch
     from transformers import DynamicCache
-
-    from tasks.lm import cache_kwargs
 
     n = block_size
     cache = DynamicCache(config=model.config)

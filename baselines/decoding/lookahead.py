@@ -44,6 +44,7 @@ from baselines.base import Applied, Method
 from baselines.decoding.jacobi import Counters, decode_rows, int_in_range
 from bench.config import ConfigError
 from bench.registry import register_method
+from tasks.lm import cache_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -101,8 +102,6 @@ def lookahead_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: in
     """Greedy lookahead decoding of one prompt (1, L); returns the generated ids (up to and including EOS)."""
     import torch
     from transformers import DynamicCache
-
-    from tasks.lm import cache_kwargs
 
     dev = prompt.device
     cache = DynamicCache(config=model.config)

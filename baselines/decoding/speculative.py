@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable
 from baselines.base import Applied, Cost, Method
 from bench.config import check_range
 from bench.registry import register_method
+from tasks.lm import cache_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -125,8 +126,6 @@ class SpeculativeStats:
 
 def _forward(model, ids: "torch.Tensor", cache, keep: int) -> "torch.Tensor":
     """Logits of the last `keep` positions of `ids` (1, L), appended to the KV cache."""
-    from tasks.lm import cache_kwargs
-
     return model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=keep).logits[0]
 
 
