@@ -17,14 +17,14 @@ from tasks.base import ARTIFACTS, RunContext
 def build_reference(task_name: str, publish: bool = False, console=None) -> tuple[str, Path, bool]:
     from bench.profiles import load_profile
     from bench.progress import Reporter, RichReporter
-    from bench.runner import _setup_torch
+    from bench.runner import setup_torch
 
     spec = get_task_spec(task_name)
     if spec.tier != "embedded":
         raise RegistryError(f"task {task_name!r} is a {spec.tier} task; `bench reference build` trains only "
                             f"embedded tasks' references")
     profile = load_profile("cpu")
-    _setup_torch(profile, 0)
+    setup_torch(profile, 0)
     reporter = RichReporter(console) if console is not None else Reporter()
     ctx = RunContext(profile=profile, seed=0, progress=reporter, batch_size=profile.batch_for(spec.modality))
     task = spec.cls()

@@ -49,6 +49,12 @@ def summary_table(r: Result, path: Path | None = None) -> Table:
                       f"method - control {_delta(q.value - ctl.value, q.metric)}{gci}")
         t.add_row("time per call (median)", f"{s.reference.median_s * 1e3:.3f} ms", f"{s.method.median_s * 1e3:.3f} ms",
                   f"speedup {s.speedup:.3f}x [{s.interval.low:.3f}, {s.interval.high:.3f}] (n={s.reference.n})")
+        others = (f", others used {s.contention.other_cpu_share:.0%} of the CPUs"
+                  if s.contention and s.contention.other_cpu_share is not None else "")
+        prec = f"+-{s.precision:.1%} (target +-{s.precision_target:.1%})" if s.precision is not None else ""
+        t.add_row("speed verdict", "", s.status.upper() if s.status != "ok" else "ok",
+                  (prec + others + (f"; {len(s.attempts)} attempts" if len(s.attempts) > 1 else ""))
+                  .lstrip(", "))
         t.add_row("peak memory", _bytes(m.reference_peak_bytes), _bytes(m.method_peak_bytes),
                   f"{m.method_peak_bytes / max(m.reference_peak_bytes, 1):.3f}x")
         t.add_row("parameters (non-zero)", f"{z.reference.parameters:,} ({z.reference.nonzero_parameters:,})",

@@ -119,6 +119,44 @@ class ArmTiming(_M):
     n: int = Field(ge=1)
 
 
+class Contention(_M):
+    """What else used the machine during the timed window (bench/contention.py says how each is measured)."""
+    other_cpu_share: float | None = Field(None, ge=0, le=1, description="share of the machine's cores used by "
+                                          "other processes while the pairs ran (/proc/stat minus our own CPU time)")
+    steal_share: float | None = Field(None, ge=0, le=1, description="share of CPU time the hypervisor stole")
+    load_average_1m: float | None = Field(None, ge=0, description="1-minute load average at the window's end")
+    cpus: int = Field(ge=1)
+    wall_s: float = Field(ge=0, description="length of the timed window(s)")
+    limit: float = Field(ge=0, le=1, description="the profile's max_other_share: above it a timing is contended")
+    gpu_other_processes: int | None = Field(None, ge=0)
+    gpu_sm_clock_mhz_min: int | None = None
+    gpu_sm_clock_mhz_max: int | None = None
+    gpu_sm_clock_max_mhz: int | None = Field(None, description="the GPU's top SM clock, for comparison")
+
+
+class Attempt(_M):
+    """One timing attempt; an unreliable one is retried (timing only)."""
+    speedup: float = Field(gt=0)
+    interval: Interval
+    pairs: int = Field(ge=1)
+    other_cpu_share: float | None = Field(None, ge=0, le=1)
+    status: Literal["ok", "unreliable"]
+    reasons: list[str] = []
+
+
+class Remeasured(_M):
+    """Who re-timed the record (`bench remeasure`), when, with which code: only `speed` changed."""
+    at: str
+    bench_version: str
+    git_sha: str | None
+    git_dirty: bool | None
+    command: str
+    packages: dict[str, str] = Field(default_factory=dict, description="package versions it was re-timed with")
+
+
+LEGACY_REASON = "timed before bench measured contention and precision (run `bench remeasure` on it)"
+
+
 class Speed(_M):
     unit: str = Field(description="what one timed call does, e.g. 'seconds per pass over 449 images'")
     items_per_call: int
@@ -128,6 +166,26 @@ class Speed(_M):
     interval: Interval
     order: str = "interleaved, alternating ABBA"
     synchronized: bool = Field(description="CUDA synchronised around every timed region")
+    status: Literal["ok", "unreliable"] = Field("unreliable", description="the verdict on this speed figure: "
+                                                "'unreliable' ones are left out of ranks and recommendations")
+    reasons: list[str] = Field(default_factory=lambda: [LEGACY_REASON],
+                               description="why the figure is unreliable (contended, imprecise, unstable)")
+    precision: float | None = Field(None, ge=0, description="relative half-width of the interval reached: "
+                                    "(high - low) / (2 * speedup)")
+    precision_target: float | None = Field(None, gt=0, description="the profile's target for `precision`")
+    contention: Contention | None = None
+    attempts: list[Attempt] = Field(default_factory=list, description="every timing attempt, the published one "
+                                    "included")
+    processes: int = Field(1, ge=1, description="worker processes whose pairs were pooled (two-stage bootstrap)")
+    remeasured: Remeasured | None = Field(None, description="set when `bench remeasure` re-timed the record")
+
+    @model_validator(mode="after")
+    def _verdict(self) -> "Speed":
+        if self.status == "unreliable" and not self.reasons:
+            raise ValueError("an unreliable speed needs its reasons")
+        if self.status == "ok" and self.reasons:
+            raise ValueError("an ok speed carries no reasons")
+        return self
 
 
 class Memory(_M):

@@ -21,8 +21,8 @@ from bench.hardware import ProfileMismatch, busy_warning, detect_machine, match_
 from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.provenance import config_hash, provenance
-from bench.result import (ArmTiming, Compute, Control, Cost, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
-                          ProfileInfo, Quality, Result, Secondary, Size, SizeOf, Speed, TaskInfo)
+from bench.result import (Compute, Control, Cost, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
+                          ProfileInfo, Quality, Result, Secondary, Size, SizeOf, TaskInfo)
 from bench.store import DEFAULT_RESULTS, write_result
 from tasks.base import Evaluation, RunContext
 
@@ -37,7 +37,7 @@ def _interval(lo_hi: tuple[float, float]) -> Interval:
     return Interval(low=lo_hi[0], high=lo_hi[1])
 
 
-def _setup_torch(profile, seed: int) -> None:
+def setup_torch(profile, seed: int) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before CUDA starts
     import torch
 
@@ -64,7 +64,8 @@ def reference_evaluation(task, subject, ctx: RunContext, ref_sha: str) -> Evalua
 
 def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int = 0,
         overrides: dict[str, str] | None = None, strict: bool = False, results_root: Path = DEFAULT_RESULTS,
-        reporter: Reporter | None = None, budget: str = "full", argv: list[str] | None = None) -> RunOutcome:
+        reporter: Reporter | None = None, budget: str = "full", argv: list[str] | None = None,
+        processes: int = 1) -> RunOutcome:
     reporter = reporter or Reporter()
     # --- resolve: every mistake here is the user's, and writes nothing ------------------------------------
     tspec = registry.get_task_spec(task_name)
@@ -101,7 +102,7 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
     task_info = TaskInfo(name=tspec.name, version=tspec.version, tier=tspec.tier, modality=tspec.modality,
                          data_fingerprint="", reference_sha256="", reference_canonical=False)
     try:
-        _setup_torch(profile, seed)
+        setup_torch(profile, seed)
         task = tspec.cls()
         with reporter.step(f"Loading {tspec.name}"):
             task.load(ctx)
@@ -109,7 +110,10 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
         task_info = task_info.model_copy(update=dict(data_fingerprint=task.data_fingerprint(),
                                                      reference_sha256=ref_w.sha256,
                                                      reference_canonical=ref_w.canonical))
-        body = _measure(task, method, ref_w, ctx)
+        from bench.speed import RunSpec
+
+        spec = RunSpec(tspec.name, mspec.name, hparams, profile.name, seed, budget)
+        body = _measure(task, method, ref_w, ctx, processes, spec)
         result = Result(status="ok", task=task_info, **common, **body)
     except KeyboardInterrupt:
         raise
@@ -122,22 +126,18 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
     return RunOutcome(result, path)
 
 
-# `--budget smoke` checks that a method runs, not how fast: a few short pairs instead of the profile's rules
-SMOKE_TIMING_RULES = dict(warmup=2, min_time_s=0.5, min_repeats=8, max_repeats=40)
-
-
 class RunFailed(RuntimeError):
     def __init__(self, result: Result, path: Path):
         self.result, self.path = result, path
         super().__init__(f"{result.error.type}: {result.error.message} (record: {path})")
 
 
-def _measure(task, method, ref_w, ctx: RunContext) -> dict:
+def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None) -> dict:
     import numpy as np
 
     from bench.measure import count_macs, count_parameters, peak_memory, serialized_bytes
     from bench.stats import bootstrap_interval, paired_delta_interval
-    from bench.timing import TimingRules, arm_summary, paired_timing
+    from bench.speed import measure_speed, speed_record
 
     reference = task.subject_from_state(ref_w.state, ctx)
     ref_eval = reference_evaluation(task, reference, ctx, ref_w.sha256)
@@ -170,9 +170,7 @@ def _measure(task, method, ref_w, ctx: RunContext) -> dict:
 
     ref_fn, items, unit = task.workload(reference, ctx)
     met_fn, _, _ = task.workload(subject, ctx)
-    rules = TimingRules(**(ctx.profile.timing.model_dump() if ctx.budget == "full" else SMOKE_TIMING_RULES))
-    with ctx.progress.step("Timing reference and method, interleaved", total=rules.max_repeats) as advance:
-        timing = paired_timing(ref_fn, met_fn, rules, cuda=ctx.device == "cuda", on_pair=lambda i, s: advance(1))
+    timing, rules = measure_speed(ref_fn, met_fn, ctx, ctx.progress, processes, spec)
     ref_mem, measure = peak_memory(reference.model, ref_fn, ctx.device)
     met_mem, _ = peak_memory(subject.model, met_fn, ctx.device)
 
@@ -186,9 +184,7 @@ def _measure(task, method, ref_w, ctx: RunContext) -> dict:
     return dict(
         quality=quality, fidelity=Fidelity(metric=fid_metric, value=fid_value), controls=controls,
         method_stats=method_stats,
-        speed=Speed(unit=unit, items_per_call=items, reference=ArmTiming(**arm_summary(timing.reference_s)),
-                    method=ArmTiming(**arm_summary(timing.method_s)), speedup=timing.speedup,
-                    interval=_interval(timing.interval), synchronized=timing.synchronized),
+        speed=speed_record(timing, rules, unit, items),
         memory=Memory(measure=measure, reference_peak_bytes=ref_mem, method_peak_bytes=met_mem),
         size=Size(reference=ref_size, method=met_size, sparsity=float(np.clip(sparsity, 0, 1)),
                   runtime_exploits_sparsity=applied.runtime_exploits_sparsity),

@@ -22,6 +22,11 @@ class TimingRules(BaseModel):
     min_time_s: float = Field(gt=0)
     min_repeats: int = Field(ge=3)
     max_repeats: int = Field(ge=3)
+    precision: float = Field(0.03, gt=0, lt=1)  # target relative half-width of the speedup's 95% interval
+    max_time_s: float = Field(120.0, gt=0)  # cap on one timing attempt, both arms together
+    attempts: int = Field(3, ge=1)  # tries of an unreliable timing
+    max_other_share: float = Field(0.10, ge=0, le=1)  # others' share of the cores above which a timing is contended
+    quiet_wait_s: float = Field(60.0, ge=0)  # wait at most this long for a quiet second before a retry
 
 
 class Expectation(BaseModel):
