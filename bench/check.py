@@ -5,7 +5,9 @@
    exist in the registries with the family and modality the record says; the method is not the generated
    template; the provenance names a clean git state (a sha, not dirty); the profile matched the machine it
    was measured on, so no other machine's numbers are mixed into a profile's table; the run had the full
-   budget (a `--budget smoke` run is a CI check, not a result) and did not fail. Verification records
+   budget (a `--budget smoke` run is a CI check, not a result) and did not fail; its speed figure is plausible
+   and reliable (`bench.plausibility`: an `ok` verdict, a `none` interval that contains 1.0, no speedup beyond
+   its MAC ideal without a registered explanation). Verification records
    (`<run-id>.verified.json`) must parse and sit beside the result they verify.
    Results the pull request adds or changes (or every result, with `strict`, or when there is no git history
    to compare with) are held to all of this; results already on the base branch only get warnings for the
@@ -178,6 +180,10 @@ def check_results(report: CheckReport, root: Path, is_new, strict: bool) -> None
         if r.status != "ok":
             report.add(level, where, f"a failed run ({r.error.type if r.error else 'no error'}): failed runs "
                                      f"are not submitted")
+        from bench.plausibility import problems as plausibility
+
+        for problem in plausibility(r):
+            report.add(level, where, problem)
         if r.budget != "full":
             report.add(level, where, "a --budget smoke run (capped training, for CI checks): the leaderboard "
                                      "takes full-budget runs only")

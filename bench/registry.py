@@ -38,6 +38,9 @@ class MethodSpec:
     url: str = ""
     version: str = "1"  # bump when the method's behaviour changes, so old results are not compared as equal
     cls: type = field(default=object, compare=False, repr=False)
+    # why its wall-clock speedup may exceed its MAC/NFE ratio (a saving the operation count does not see, e.g.
+    # memory traffic or elementwise work skipped with the cached blocks); None: the ratio bounds the speedup
+    beyond_compute: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ def register_method(
     summary: str,
     url: str = "",
     version: str = "1",
+    beyond_compute: str | None = None,
 ) -> Callable[[type], type]:
     """Class decorator: `@register_method("kd", family="distillation", ...)` on a `Method` subclass."""
     _check_choice(family, FAMILIES, "family", f"method {name!r}")
@@ -122,7 +126,7 @@ def register_method(
         _check_choice(m, MODALITIES, "modality", f"method {name!r}")
 
     def deco(cls: type) -> type:
-        spec = MethodSpec(name, family, paper, year, tuple(modalities), summary, url, version, cls)
+        spec = MethodSpec(name, family, paper, year, tuple(modalities), summary, url, version, cls, beyond_compute)
         METHODS.add(name, spec)
         cls.spec = spec
         return cls
