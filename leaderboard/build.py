@@ -34,7 +34,9 @@ class BuildError(RuntimeError):
 class BuildReport:
     out: Path
     results: int = 0  # valid records, any status
-    ranked: int = 0  # records in the rankings (status ok)
+    shown: int = 0  # records in the tables (status ok, full budget)
+    ranked: int = 0  # of those, the ones ranked: a reliable speed, not the noise floor
+    unreliable: int = 0  # shown with an unreliable speed, never ranked (the noise floor aside)
     tasks: int = 0
     pages: int = 0
     invalid: list = field(default_factory=list)  # bench.store.InvalidResult, skipped
@@ -115,7 +117,9 @@ def _render_all(loaded: D.Loaded, results: Path, site: Path) -> BuildReport:
     env = _environment()
     task_specs, method_specs = _registry()
     rows = D.rows_of(loaded)
-    report = BuildReport(out=site, results=len(loaded.results), ranked=len(rows))
+    report = BuildReport(out=site, results=len(loaded.results), shown=len(rows),
+                         ranked=sum(1 for r in rows if D.rankable(r)),
+                         unreliable=sum(1 for r in rows if not r["speed_ok"] and not D.is_noise_floor(r)))
     (site / "assets").mkdir(parents=True)
     for asset in sorted(STATIC.iterdir()):
         if asset.is_file():

@@ -48,7 +48,9 @@ def build(results: ResultsOpt = Path("results"), out: OutOpt = Path("site"),
         _fail(str(e), code=1)
     _warn_invalid(report.invalid)
     skipped = f", {len(report.invalid)} invalid file(s) skipped" if report.invalid else ""
-    _out.print(f"wrote {report.pages} pages to {out}/: {report.results} results ({report.ranked} ranked) on "
+    unreliable = (f"; {report.unreliable} with an unreliable speed, shown greyed and not ranked: re-time them "
+                  f"with `bench remeasure`" if report.unreliable else "")
+    _out.print(f"wrote {report.pages} pages to {out}/: {report.results} results ({report.ranked} ranked{unreliable}) on "
                f"{report.tasks} task(s){skipped}\nopen {out / 'index.html'} in a browser, or run "
                f"`bench leaderboard serve --out {out}`", markup=False, highlight=False, soft_wrap=True)
 
@@ -94,11 +96,11 @@ def recommend(
     as_json: Annotated[bool, typer.Option("--json", help="print the recommendations as JSON")] = False,
 ) -> None:
     """The methods on the Pareto front within a quality budget, fastest first, with intervals and the command
-    to reproduce each."""
+    to reproduce each. Results whose speed is unreliable are left out (and named), as is the noise floor."""
     from rich.text import Text
 
     from leaderboard import data as D
-    from leaderboard.pages import fdelta, fq, fspeed
+    from leaderboard.pages import fdelta, fq, fspeed, noise_floor_view
 
     try:
         budget = D.parse_budget(max_drop)
@@ -111,32 +113,68 @@ def recommend(
     task_rows = [r for r in rows if r["task"] == task]
     if not task_rows:
         near = difflib.get_close_matches(task, tasks, n=3, cutoff=0.5)
-        _fail(f"no ranked results for task {task!r} under {results}/."
+        _fail(f"no results for task {task!r} under {results}/."
               + (f" Did you mean {', '.join(repr(n) for n in near)}?" if near else "")
               + (f" Tasks with results: {', '.join(tasks)}." if tasks else " The results tree has none yet."))
     profiles = D.sorted_unique(r["profile"] for r in task_rows)
     prow = [r for r in task_rows if r["profile"] == profile]
     if not prow:
-        _fail(f"no ranked results for task {task!r} on profile {profile!r}. Profiles with results for "
+        _fail(f"no results for task {task!r} on profile {profile!r}. Profiles with results for "
               f"{task!r}: {', '.join(profiles)}.")
     picks = D.recommend(prow, budget)
+    left_out = D.unreliable_within(prow, budget)  # within the budget, but their speed cannot be trusted
     metric = prow[0]["metric"]
     refs = D.sorted_unique(r["ref"] for r in prow if r["ref"] is not None)
+
+    def unreliable_lines(rows: list) -> list[Text]:
+        lines = []
+        for r in rows:
+            lines.append(Text(f"  - {r['method']} ({r['hps'] or 'no hyper-parameters'}): Δ {metric} "
+                              f"{fdelta(r['delta'], metric)}, speedup {fspeed(r['speedup'])} [{fspeed(r['slo'])}, "
+                              f"{fspeed(r['shi'])}] UNRELIABLE: {'; '.join(r['speed_reasons'])}"))
+            lines.append(Text(f"    bench remeasure {(results / r['file']).as_posix()}", style="dim"))
+        return lines
+
+    def fit_text(n: int) -> str:
+        return (f"{n} method{'s' if n != 1 else ''} fit{'' if n != 1 else 's'} the budget but "
+                f"{'their' if n != 1 else 'its'} speed is unreliable")
+
     if as_json:
         keep = ("rank", "method", "family", "hp", "speedup", "slo", "shi", "delta", "dlo", "dhi", "value", "ref",
                 "allowed", "sure", "verified", "file", "command", "id")
         print(json.dumps([{**{k: p[k] for k in keep}, "reproduce": f"bench reproduce results/{p['file']}"}
                           for p in picks], indent=2, sort_keys=True))
+        if left_out:  # on stderr, so stdout stays JSON
+            _err.print(f"note: {fit_text(len(left_out))} and {'are' if len(left_out) != 1 else 'is'} left out: "
+                       + ", ".join(f"{r['method']} ({r['hps']})" for r in left_out), markup=False,
+                       highlight=False, soft_wrap=True)
         raise typer.Exit(0 if picks else 1)
     allowed = budget.allowed(refs[0]) if refs else budget.amount
+    n_unreliable = sum(1 for r in prow if not r["speed_ok"] and not D.is_noise_floor(r))
     _out.print(Text(f"{task} on {profile}: reference {metric} {' / '.join(fq(v, metric) for v in refs)}; "
                     f"budget: lose at most {budget} (= {fdelta(-allowed, metric).lstrip('-+')}); "
-                    f"{len(prow)} result(s) on this profile."), soft_wrap=True)
+                    f"{len(prow)} result(s) on this profile"
+                    + (f", {n_unreliable} with an unreliable speed (never recommended)" if n_unreliable else "")
+                    + "."), soft_wrap=True)
+    _out.print(Text(noise_floor_view(task, profile, prow)["text"]), soft_wrap=True)
     if not picks:
-        best = min(prow, key=D.drop)
+        if left_out:
+            _out.print(Text(f"{fit_text(len(left_out))}, so none is recommended: re-time "
+                            f"{'them' if len(left_out) != 1 else 'it'} on a quiet machine with `bench remeasure`:",
+                            style="bold"), soft_wrap=True)
+            for line in unreliable_lines(left_out):
+                _out.print(line, soft_wrap=True)
+            raise typer.Exit(1)
+        methods = [r for r in prow if not D.is_noise_floor(r)]
+        if not methods:
+            _out.print(Text("Only the noise floor (`none`, the reference timed against itself) has results here: "
+                            "no method to recommend."), soft_wrap=True)
+            raise typer.Exit(1)
+        best = min(methods, key=D.drop)
         _out.print(Text(f"No method on the Pareto front is within the budget. The smallest loss is "
                         f"{best['method']} ({best['hps']}): {fdelta(best['delta'], metric)} at "
-                        f"{fspeed(best['speedup'])}."), soft_wrap=True)
+                        f"{fspeed(best['speedup'])}" + ("" if best["speed_ok"] else " (speed unreliable)") + "."),
+                   soft_wrap=True)
         raise typer.Exit(1)
     _out.print(Text(f"Recommended: the Pareto front within the budget, fastest first ({len(picks)}):", style="bold"))
     ranks = [p["rank"] for p in picks]
@@ -156,3 +194,8 @@ def recommend(
         _out.print(Text(f"    originally: {p['command']}", style="dim"), soft_wrap=True)
     if any(ranks.count(r) > 1 for r in ranks):
         _out.print("Ranks marked '=' are statistically tied: their speedup intervals overlap.")
+    if left_out:
+        _out.print(Text(f"Also, {fit_text(len(left_out))}, so {'they are' if len(left_out) != 1 else 'it is'} "
+                        f"left out above:"), soft_wrap=True)
+        for line in unreliable_lines(left_out):
+            _out.print(line, soft_wrap=True)

@@ -2,6 +2,14 @@
 
 Everything here is a pure function of its inputs, ordered stably, so the site built from it is byte-identical
 for the same results tree. The same code answers `bench recommend`, so the terminal and the site agree.
+
+Two kinds of row are shown but never ranked:
+- a row whose speed figure is **unreliable** (`speed.status`, with `speed.reasons`: contended, imprecise,
+  unstable, or timed before bench measured any of that): its quality is shown as usual, its speedup greyed with
+  the reasons, and it is left out of speed ranks, Pareto fronts and recommendations;
+- the **noise floor**: the `none` method (family "none") times the reference against itself, so its speedup
+  interval shows how far timing noise reaches on that task and profile. It is shown beside the table, never
+  ranked or recommended.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 VERIFIED_SUFFIX = ".verified.json"
+NOISE_FAMILY = "none"  # the `none` method: the reference timed against itself, i.e. the noise floor
 BUDGET_HELP = ("the largest quality loss accepted: '1%' is relative to the reference's value, "
                "a plain number ('0.01') is absolute, in the metric's units")
 
@@ -88,6 +97,7 @@ def to_row(r, rel: str, verified: bool) -> dict[str, Any]:
     q, s = r.quality, r.speed
     dlo, dhi = (q.delta_interval.low, q.delta_interval.high) if q.delta_interval else (q.delta, q.delta)
     slo, shi = s.interval.low, s.interval.high
+    con = s.contention
     return {
         "id": r.run_id, "file": rel, "page": "runs/" + rel[: -len(".json")] + ".html",
         "task": r.task.name, "tier": r.task.tier, "profile": r.profile.name, "matched": r.profile.matched,
@@ -96,6 +106,10 @@ def to_row(r, rel: str, verified: bool) -> dict[str, Any]:
         "metric": q.metric, "hib": q.higher_is_better, "value": num(q.value), "ref": num(q.reference_value),
         "delta": num(q.delta), "dlo": num(dlo), "dhi": num(dhi),
         "speedup": num(s.speedup), "slo": num(slo), "shi": num(shi),
+        "speed_ok": s.status == "ok", "speed_status": s.status, "speed_reasons": list(s.reasons),
+        "precision": num(s.precision), "precision_target": num(s.precision_target),
+        "other_share": num(con.other_cpu_share) if con else None, "remeasured": s.remeasured is not None,
+        "noise": r.method.family == NOISE_FAMILY,
         "mem": r.memory.method_peak_bytes, "mem_ref": r.memory.reference_peak_bytes,
         "params": r.size.method.parameters, "nonzero": r.size.method.nonzero_parameters,
         "bytes": r.size.method.bytes, "cost_s": num(r.cost.seconds), "verified": verified,
@@ -104,8 +118,9 @@ def to_row(r, rel: str, verified: bool) -> dict[str, Any]:
 
 
 def rows_of(loaded: Loaded) -> list[dict[str, Any]]:
-    """Rows of the records that can be ranked: full-budget, status 'ok', finite quality delta and speedup.
-    (A `--budget smoke` record is a CI check of capped training, never a leaderboard number.)"""
+    """Rows of the records the leaderboard shows: full-budget, status 'ok', finite quality delta and speedup.
+    (A `--budget smoke` record is a CI check of capped training, never a leaderboard number.) Rows with an
+    unreliable speed and the noise-floor rows are included: `rankable` tells which rows may be ranked."""
     rows = []
     for r, rel, verified in loaded.results:
         if r.status != "ok" or r.budget != "full":
@@ -115,6 +130,37 @@ def rows_of(loaded: Loaded) -> list[dict[str, Any]]:
             continue
         rows.append(row)
     return rows
+
+
+def is_noise_floor(row: dict[str, Any]) -> bool:
+    """The `none` method's row: the reference timed against itself, shown as the noise floor, never ranked."""
+    return row["family"] == NOISE_FAMILY
+
+
+def rankable(row: dict[str, Any]) -> bool:
+    """Whether a row may be ranked, be on a Pareto front or be recommended: a reliable speed, not the noise
+    floor. (Its quality is shown either way.)"""
+    return row["speed_ok"] is True and not is_noise_floor(row)
+
+
+def unreliable_text(row: dict[str, Any]) -> str:
+    """Why a row's speed is unreliable, on one line (empty when it is reliable)."""
+    if row["speed_ok"]:
+        return ""
+    return "unreliable speed: " + ("; ".join(row["speed_reasons"]) or "no reason recorded")
+
+
+def noise_floor(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The noise-floor row among `rows` (one task and profile): the latest `none` run with a reliable speed,
+    else the latest `none` run; None when there is none."""
+    noise = [r for r in rows if is_noise_floor(r)]
+    if not noise:
+        return None
+    return max(noise, key=lambda r: (r["speed_ok"], r["created_at"], r["id"]))
+
+
+def noise_floor_command(task: str, profile: str) -> str:
+    return f"bench run --method none --task {task} --profile {profile}"
 
 
 def goodness(row: dict[str, Any]) -> float:
@@ -128,9 +174,17 @@ def goodness_interval(row: dict[str, Any]) -> tuple[float, float]:
     return (lo, hi) if row["hib"] else (-hi, -lo)
 
 
+def dominated_by_reference(row: dict[str, Any]) -> bool:
+    """Whether the unmodified reference (1x, no quality change) dominates the row: no faster and no better,
+    and worse in one. Not compressing at all is always an option, so such a row is never on a front."""
+    g = goodness(row)
+    return row["speedup"] <= 1.0 and g <= 0.0 and (row["speedup"] < 1.0 or g < 0.0)
+
+
 def pareto_front(rows: list[dict[str, Any]]) -> set[int]:
     """Indices of the rows no other row dominates (at least as fast and as good, strictly better in one),
-    on the point estimates of speedup and quality change."""
+    on the point estimates of speedup and quality change. The reference itself (1x, no change) counts as a
+    point: a row it dominates is not on the front. Callers pass the rows that may be ranked (`rankable`)."""
     order = sorted(range(len(rows)), key=lambda i: -rows[i]["speedup"])
     front: set[int] = set()
     best = -math.inf  # best goodness among strictly faster rows
@@ -145,7 +199,7 @@ def pareto_front(rows: list[dict[str, Any]]) -> set[int]:
             front.update(k for k in group if goodness(rows[k]) == gmax)
             best = gmax
         i = j
-    return front
+    return {k for k in front if not dominated_by_reference(rows[k])}
 
 
 def tied_ranks(intervals: list[tuple[float, float]]) -> list[int]:
@@ -199,13 +253,20 @@ def drop(row: dict[str, Any]) -> float:
     return -goodness(row)
 
 
+def within(row: dict[str, Any], budget: Budget) -> bool:
+    allowed = budget.allowed(row["ref"] if row["ref"] is not None else 0.0)
+    return drop(row) <= allowed + 1e-12
+
+
 def recommend(rows: Iterable[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:
     """The Pareto-front rows whose quality loss is within the budget, fastest first, with tie-aware ranks.
 
-    Each returned row gains `rank` (by speedup interval), `allowed` (the budget in metric units) and `sure`
-    (True when even the pessimistic end of the quality interval is within the budget).
+    Only rows that may be ranked take part (`rankable`): a row with an unreliable speed, or the noise floor,
+    is never recommended and never shapes the front. Each returned row gains `rank` (by speedup interval),
+    `allowed` (the budget in metric units) and `sure` (True when even the pessimistic end of the quality
+    interval is within the budget).
     """
-    rows = list(rows)
+    rows = [r for r in rows if rankable(r)]
     front = pareto_front(rows)
     picked = []
     for i in sorted(front):
@@ -218,6 +279,13 @@ def recommend(rows: Iterable[dict[str, Any]], budget: Budget) -> list[dict[str, 
     for row, rank in zip(picked, tied_ranks([speed_interval(r) for r in picked])):
         row["rank"] = rank
     return picked
+
+
+def unreliable_within(rows: Iterable[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:
+    """The rows within the budget that `recommend` leaves out because their speed is unreliable (the noise
+    floor aside), fastest first: what a recommendation would have weighed had they been timed reliably."""
+    out = [r for r in rows if not r["speed_ok"] and not is_noise_floor(r) and within(r, budget)]
+    return sorted(out, key=lambda r: (-r["speedup"], -goodness(r), r["method"], r["id"]))
 
 
 def sorted_unique(values: Iterable[Any]) -> list[Any]:

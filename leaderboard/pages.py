@@ -69,6 +69,25 @@ def _ref_text(values: list[float], metric: str) -> str:
     return " / ".join(fq(v, metric) for v in sorted(set(values)))
 
 
+def fspeed_ci(v: float | None, lo: float | None, hi: float | None) -> str:
+    return f"{fspeed(v)} [{fspeed(lo)}, {fspeed(hi)}]"
+
+
+def noise_floor_view(task: str, profile: str, rows: list[dict]) -> dict[str, Any]:
+    """The noise floor of one task and profile, for the task page, the home card and `bench recommend`."""
+    row = D.noise_floor(rows)
+    out = {"profile": profile, "command": D.noise_floor_command(task, profile), "row": row}
+    if row is None:
+        out["text"] = f"no noise-floor record yet: {out['command']}"
+        return out
+    n = sum(1 for r in rows if D.is_noise_floor(r))
+    out.update(speed=fspeed_ci(row["speedup"], row["slo"], row["shi"]), ok=row["speed_ok"],
+               reasons=list(row["speed_reasons"]), page=row["page"], n=n,
+               text=f"Noise floor (reference vs itself): {fspeed_ci(row['speedup'], row['slo'], row['shi'])}"
+               + ("" if row["speed_ok"] else f" (unreliable: {'; '.join(row['speed_reasons'])})"))
+    return out
+
+
 # --- home ---------------------------------------------------------------------------------------------------
 def task_card(task: str, records: list, rows: list[dict], spec: Any, budget: D.Budget) -> dict[str, Any]:
     tiers = Counter(r.task.tier for r, _, _ in records)
@@ -77,13 +96,17 @@ def task_card(task: str, records: list, rows: list[dict], spec: Any, budget: D.B
     for prof in D.sorted_unique(r.profile.name for r, _, _ in records):
         prow = [x for x in rows if x["profile"] == prof]
         best = []
-        for fam in sorted({x["family"] for x in prow} - {"none"}, key=_family_key):
-            picks = D.recommend([x for x in prow if x["family"] == fam], budget)
+        for fam in sorted({x["family"] for x in prow} - {D.NOISE_FAMILY}, key=_family_key):
+            frows = [x for x in prow if x["family"] == fam]
+            picks = D.recommend(frows, budget)
             if picks:
                 best.append(picks[0])
-            else:
-                best.append({"family": fam, "method": None})
+            else:  # how many would have qualified but for an unreliable speed
+                best.append({"family": fam, "method": None, "unreliable": len(D.unreliable_within(frows, budget))})
         profiles.append({"name": prof, "n": len(prow), "best": best,
+                         "n_ranked": sum(1 for x in prow if D.rankable(x)),
+                         "n_unreliable": sum(1 for x in prow if not x["speed_ok"] and not D.is_noise_floor(x)),
+                         "noise": noise_floor_view(task, prof, prow),
                          "n_failed": sum(1 for r, _, _ in records if r.profile.name == prof and r.status != "ok"),
                          "reference": _ref_text([x["ref"] for x in prow if x["ref"] is not None], metric)})
     return {"name": task, "tier": sorted(tiers, key=lambda t: (-tiers[t], t))[0], "metric": metric,
@@ -101,14 +124,16 @@ def task_page(card: dict, rows: list[dict], method_specs: dict) -> dict[str, Any
     methods = D.sorted_unique(x["method"] for x in rows)
     tiers = D.sorted_unique(x["tier"] for x in rows)
     keep = ("id", "file", "page", "tier", "profile", "matched", "method", "family", "hp", "hps", "seed", "value",
-            "ref", "delta", "dlo", "dhi", "speedup", "slo", "shi", "mem", "mem_ref", "params", "nonzero",
-            "bytes", "cost_s", "verified", "date", "created_at")
+            "ref", "delta", "dlo", "dhi", "speedup", "slo", "shi", "speed_ok", "speed_reasons", "precision",
+            "noise", "mem", "mem_ref", "params", "nonzero", "bytes", "cost_s", "verified", "date", "created_at")
+    noise = [p["noise"] for p in card["profiles"] if p["name"] in profiles]
     payload = {"task": card["name"], "metric": card["metric"], "hib": card["hib"],
                "pct": D.is_fraction_metric(card["metric"]), "profiles": profiles, "default_profile": default,
                "families": families, "methods": methods, "tiers": tiers,
+               "noise": {nf["profile"]: nf["row"]["id"] if nf["row"] else None for nf in noise},
                "rows": [{k: x[k] for k in keep} for x in rows]}
     return {"task": card, "profiles": profiles, "default_profile": default, "families": families,
-            "methods": methods, "tiers": tiers, "data": payload}
+            "methods": methods, "tiers": tiers, "noise": noise, "data": payload}
 
 
 # --- method pages -------------------------------------------------------------------------------------------
@@ -126,7 +151,9 @@ def method_page(name: str, records: list, spec: Any) -> dict[str, Any]:
             item.update(metric=q.metric, value=D.num(q.value), delta=D.num(q.delta),
                         dlo=D.num(q.delta_interval.low) if q.delta_interval else None,
                         dhi=D.num(q.delta_interval.high) if q.delta_interval else None,
-                        speedup=D.num(s.speedup), slo=D.num(s.interval.low), shi=D.num(s.interval.high))
+                        speedup=D.num(s.speedup), slo=D.num(s.interval.low), shi=D.num(s.interval.high),
+                        speed_ok=s.status == "ok", speed_reasons=list(s.reasons),
+                        noise=r.method.family == D.NOISE_FAMILY)
         else:
             item.update(metric="", error=f"{r.error.type}: {r.error.message}" if r.error else "")
         results.append(item)
@@ -144,36 +171,77 @@ def _pairs(d: dict[str, Any], skip: tuple[str, ...] = ()) -> list[tuple[str, str
     return [(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in d.items() if k not in skip]
 
 
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
+def speed_verdict(r) -> dict[str, Any]:
+    """The speed figure's verdict for the run page: status, reasons, precision, contention, attempts."""
+    s = r.speed
+    facts: list[tuple[str, str]] = []
+    if s.precision is not None:
+        target = f" (target ±{s.precision_target:.1%})" if s.precision_target is not None else ""
+        facts.append(("precision", f"±{s.precision:.1%} relative half-width of the interval{target}"))
+    c = s.contention
+    if c is not None:
+        facts.append(("other processes", f"{_share(c.other_cpu_share)} of the {c.cpus} CPUs during "
+                      f"{fsecs(c.wall_s)} of timing (limit {c.limit:.0%})"))
+        if c.steal_share is not None:
+            facts.append(("CPU steal", _share(c.steal_share)))
+        if c.load_average_1m is not None:
+            facts.append(("load average (1 min)", f"{c.load_average_1m:.2f}"))
+        if c.gpu_other_processes is not None:
+            facts.append(("other GPU processes", str(c.gpu_other_processes)))
+        if c.gpu_sm_clock_mhz_min is not None and c.gpu_sm_clock_mhz_max is not None:
+            top = f" (top {c.gpu_sm_clock_max_mhz} MHz)" if c.gpu_sm_clock_max_mhz is not None else ""
+            facts.append(("GPU SM clock", f"{c.gpu_sm_clock_mhz_min}–{c.gpu_sm_clock_mhz_max} MHz{top}"))
+    if s.processes > 1:
+        facts.append(("worker processes", f"{s.processes} (pairs pooled)"))
+    if s.remeasured is not None:
+        m = s.remeasured
+        facts.append(("re-timed", f"{m.at} by `{m.command}` (bench {m.bench_version})"))
+    attempts = [{"speed": fspeed_ci(a.speedup, a.interval.low, a.interval.high), "pairs": a.pairs,
+                 "other": _share(a.other_cpu_share), "status": a.status, "reasons": "; ".join(a.reasons)}
+                for a in s.attempts]
+    return {"ok": s.status == "ok", "status": s.status, "reasons": list(s.reasons),
+            "speed": fspeed_ci(s.speedup, s.interval.low, s.interval.high), "facts": facts, "attempts": attempts}
+
+
 def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
     metric = r.quality.metric if r.quality else ""
-    compare = []
+    compare = []  # (what, reference, method, change, css class)
+    verdict = speed_verdict(r) if r.status == "ok" and r.speed else None
     if r.status == "ok":
         q, s, m, z, c = r.quality, r.speed, r.memory, r.size, r.cost
         ci = (f" [{fdelta(q.delta_interval.low, metric)}, {fdelta(q.delta_interval.high, metric)}]"
               if q.delta_interval else "")
-        compare.append((q.metric, fq(q.reference_value, metric), fq(q.value, metric), fdelta(q.delta, metric) + ci))
+        compare.append((q.metric, fq(q.reference_value, metric), fq(q.value, metric), fdelta(q.delta, metric) + ci,
+                        ""))
         if r.fidelity:
-            compare.append((r.fidelity.metric, "", f"{r.fidelity.value:.4g}", ""))
+            compare.append((r.fidelity.metric, "", f"{r.fidelity.value:.4g}", "", ""))
         for ctl in r.controls:
             gi = ctl.gain_interval
             gain = (f"method - control {fdelta(q.value - ctl.value, metric)} [{fdelta(gi.low, metric)}, "
                     f"{fdelta(gi.high, metric)}]; " if gi else "")
-            compare.append((f"control: {ctl.name}", "", fq(ctl.value, metric), gain + ctl.description))
+            compare.append((f"control: {ctl.name}", "", fq(ctl.value, metric), gain + ctl.description, ""))
         compare.append((f"time per call ({s.unit})", f"{s.reference.median_s * 1e3:.3f} ms",
                         f"{s.method.median_s * 1e3:.3f} ms",
                         f"speedup {fspeed(s.speedup)} [{fspeed(s.interval.low)}, {fspeed(s.interval.high)}] "
-                        f"(n={s.reference.n}, {s.order})"))
-        compare.append(("peak memory", fbytes(m.reference_peak_bytes), fbytes(m.method_peak_bytes), m.measure))
+                        f"(n={s.reference.n}, {s.order})"
+                        + ("" if s.status == "ok" else " — unreliable: " + "; ".join(s.reasons)),
+                        "" if s.status == "ok" else "unreliable"))
+        compare.append(("peak memory", fbytes(m.reference_peak_bytes), fbytes(m.method_peak_bytes), m.measure, ""))
         compare.append(("parameters (non-zero)", f"{z.reference.parameters:,} ({z.reference.nonzero_parameters:,})",
                         f"{z.method.parameters:,} ({z.method.nonzero_parameters:,})",
                         f"sparsity {z.sparsity:.1%}" + ("" if z.runtime_exploits_sparsity or z.sparsity == 0
-                                                        else " (not exploited by the runtime)")))
-        compare.append(("serialized size", fbytes(z.reference.bytes), fbytes(z.method.bytes), ""))
+                                                        else " (not exploited by the runtime)"), ""))
+        compare.append(("serialized size", fbytes(z.reference.bytes), fbytes(z.method.bytes), "", ""))
         if r.compute:
-            compare.append((f"{r.compute.unit} per call", f"{r.compute.reference:.3g}", f"{r.compute.method:.3g}", ""))
+            compare.append((f"{r.compute.unit} per call", f"{r.compute.reference:.3g}", f"{r.compute.method:.3g}", "",
+                            ""))
         tokens = f", {c.tokens_seen:,} tokens" if c.tokens_seen is not None else ""
         compare.append(("training / calibration", "", f"{fsecs(c.seconds)}, {c.steps:,} steps, "
-                        f"{c.samples_seen:,} samples{tokens}", c.description))
+                        f"{c.samples_seen:,} samples{tokens}", c.description, ""))
     p, d = r.provenance, json.loads(raw)  # the record as written: every field, in the file's order
     sections = [
         ("Run", [("run id", r.run_id), ("created", r.created_at), ("status", r.status), ("seed", str(r.seed)),
@@ -190,4 +258,6 @@ def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
     ]
     return {"r": r, "rel": rel, "file": "results/" + rel, "verified": verified, "metric": metric,
             "reproduce": f"bench reproduce results/{rel}", "command": p.command, "compare": compare,
-            "sections": sections, "raw": raw, "method_url": safe_url(r.method.url)}
+            "sections": sections, "raw": raw, "method_url": safe_url(r.method.url), "verdict": verdict,
+            "noise_floor": r.method.family == D.NOISE_FAMILY,
+            "noise_command": D.noise_floor_command(r.task.name, r.profile.name)}

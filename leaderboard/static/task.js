@@ -1,6 +1,9 @@
 /* The task page: filters kept in the URL hash, a sortable tie-aware table, an SVG Pareto plot (log x) and
    CSV/JSON downloads of the rows shown. All data is embedded in the page (#lb-data): no fetch(), no network.
-   Every string from a result file goes through esc() before it reaches innerHTML. */
+   Every string from a result file goes through esc() before it reaches innerHTML.
+   Rows with an unreliable speed (speed_ok false) are drawn greyed with their reasons and get no speed rank and
+   no place on the front; the noise-floor row (the `none` method, r.noise) is pinned first and never ranked.
+   The same rules as leaderboard/data.py (rankable, pareto_front). */
 (function () {
   'use strict';
   var D = JSON.parse(document.getElementById('lb-data').textContent);
@@ -36,10 +39,18 @@
     return D.hib ? [lo, hi] : [-hi, -lo];
   }
   function speedIv(r) { return [r.slo == null ? r.speedup : r.slo, r.shi == null ? r.speedup : r.shi]; }
+  function rankable(r) { return r.speed_ok === true && !r.noise; }
+  function reasons(r) { return 'unreliable speed: ' + (r.speed_reasons.join('; ') || 'no reason recorded'); }
+  function noiseRow(profile) {
+    var id = D.noise[profile];
+    if (!id) return null;
+    for (var i = 0; i < D.rows.length; i++) if (D.rows[i].id === id && D.rows[i].profile === profile) return D.rows[i];
+    return null;
+  }
 
   // ---- columns -----------------------------------------------------------------------------------------
   var COLS = [
-    {key: 'rank', label: 'rank', val: function (r) { return r._rank; }},
+    {key: 'rank', label: 'rank', val: function (r) { return r._rank == null ? Infinity : r._rank; }},
     {key: 'method', label: 'method', val: function (r) { return r.method; }},
     {key: 'family', label: 'family', val: function (r) { return r.family; }},
     {key: 'hps', label: 'hyper-parameters', val: function (r) { return r.hps; }},
@@ -116,21 +127,28 @@
         (!state.method || r.method === state.method) && (!state.tier || r.tier === state.tier);
     });
   }
-  function markFront(rows) {
+  function byRef(r) {  // the reference itself (1x, no change) dominates the row
+    var g = good(r);
+    return r.speedup <= 1 && g <= 0 && (r.speedup < 1 || g < 0);
+  }
+  function markFront(all) {
+    var rows = all.filter(rankable);
     var order = rows.slice().sort(function (a, b) { return b.speedup - a.speedup; });
     var best = -Infinity, i = 0;
-    rows.forEach(function (r) { r._front = false; });
+    all.forEach(function (r) { r._front = false; });
     while (i < order.length) {
       var j = i, gmax = -Infinity;
       while (j < order.length && order[j].speedup === order[i].speedup) { gmax = Math.max(gmax, good(order[j])); j++; }
       if (gmax > best) {
-        for (var k = i; k < j; k++) if (good(order[k]) === gmax) order[k]._front = true;
+        for (var k = i; k < j; k++) if (good(order[k]) === gmax && !byRef(order[k])) order[k]._front = true;
         best = gmax;
       }
       i = j;
     }
   }
-  function markRanks(rows, ivf) {
+  function markRanks(all, ivf, eligible) {
+    all.forEach(function (r) { r._rank = null; r._tied = false; });
+    var rows = all.filter(eligible);
     var ivs = rows.map(ivf), lows = ivs.map(function (v) { return v[0]; }).sort(function (a, b) { return a - b; });
     var n = lows.length, counts = {};
     rows.forEach(function (r, i) {
@@ -145,6 +163,8 @@
   function sortRows(rows) {
     var col = BYKEY[state.sort], m = state.dir === 'asc' ? 1 : -1, second = BYKEY[rankBy()];
     return rows.slice().sort(function (a, b) {
+      if (a.noise !== b.noise) return a.noise ? -1 : 1;  // the noise floor is pinned first
+      if (state.sort === 'rank' && (a._rank == null) !== (b._rank == null)) return a._rank == null ? 1 : -1;
       var x = col.val(a), y = col.val(b);
       if (x < y) return -m; if (x > y) return m;
       x = second.val(a); y = second.val(b);  // then the point estimate the ranks are built on, best first
@@ -168,15 +188,23 @@
   function renderTable(rows) {
     var html = rows.slice(0, limit).map(function (r) {
       var page = ROOT + r.page;
-      return '<tr data-id="' + esc(r.id) + '"' + (r._front ? ' class="front"' : '') + '>' +
-        '<td class="rank">' + r._rank + (r._tied ? '<span class="tie" title="statistically tied: the 95% intervals overlap">=</span>' : '') + '</td>' +
+      var cls = [r._front ? 'front' : '', r.noise ? 'noise' : '', r.speed_ok ? '' : 'unreliable'].filter(Boolean);
+      var rank = r.noise ? '<span class="noise-tag" title="the reference timed against itself: how far timing noise reaches; never ranked">noise floor</span>'
+        : r._rank == null ? '<span class="muted" title="not ranked: the speed is unreliable">–</span>'
+        : r._rank + (r._tied ? '<span class="tie" title="statistically tied: the 95% intervals overlap">=</span>' : '');
+      var speed = fs(r.speedup) + iv(r.slo, r.shi, fs);
+      speed = r.speed_ok ? '<td>' + speed + '</td>'
+        : '<td class="unreliable" title="' + esc(reasons(r)) + '"><span class="speed-unreliable">' + speed +
+          '</span> <span class="flag">unreliable</span></td>';
+      return '<tr data-id="' + esc(r.id) + '"' + (cls.length ? ' class="' + cls.join(' ') + '"' : '') + '>' +
+        '<td class="rank">' + rank + '</td>' +
         '<td><a href="' + ROOT + 'methods/' + esc(r.method) + '.html">' + esc(r.method) + '</a>' +
         (r._front ? ' <span class="star" title="on the Pareto front">★</span>' : '') + '</td>' +
         '<td><span class="fam fam-' + esc(r.family) + '">' + esc(r.family) + '</span></td>' +
         '<td class="hp"><code>' + esc(r.hps) + '</code></td>' +
         '<td>' + fq(r.value) + '</td>' +
         '<td>' + fd(r.delta) + iv(r.dlo, r.dhi, fd) + '</td>' +
-        '<td>' + fs(r.speedup) + iv(r.slo, r.shi, fs) + '</td>' +
+        speed +
         '<td>' + fb(r.mem) + '</td>' +
         '<td>' + fb(r.bytes) + '</td>' +
         '<td>' + ft(r.cost_s) + '</td>' +
@@ -217,7 +245,8 @@
   }
   function tickText(t, f) { return f(t); }
   function renderPlot(rows) {
-    var xs = [1], ys = [0];
+    var xs = [1], ys = [0], nf = noiseRow(state.profile);
+    if (nf) xs.push.apply(xs, speedIv(nf).filter(function (v) { return v > 0; }));
     rows.forEach(function (r) {
       var s = speedIv(r);
       [r.speedup, s[0], s[1]].forEach(function (v) { if (v > 0) xs.push(v); });
@@ -239,6 +268,12 @@
       g.push('<line class="grid" x1="' + ML + '" x2="' + (W - MR) + '" y1="' + Y(t) + '" y2="' + Y(t) + '"/>' +
              '<text class="tick" x="' + (ML - 6) + '" y="' + (Y(t) + 4) + '" text-anchor="end">' + tickText(t, fd) + '</text>');
     });
+    if (nf) {
+      var b = speedIv(nf);
+      g.push('<rect class="nfband' + (nf.speed_ok ? '' : ' unreliable') + '" x="' + X(b[0]) + '" y="' + MT + '" width="' +
+             Math.max(X(b[1]) - X(b[0]), 1) + '" height="' + (H - MT - MB) + '"><title>noise floor (reference vs itself): ' +
+             fs(nf.speedup) + ' [' + fs(b[0]) + ', ' + fs(b[1]) + ']' + (nf.speed_ok ? '' : '; ' + esc(reasons(nf))) + '</title></rect>');
+    }
     g.push('<line class="refline" x1="' + X(1) + '" x2="' + X(1) + '" y1="' + MT + '" y2="' + (H - MB) + '"/>');
     g.push('<line class="refline" x1="' + ML + '" x2="' + (W - MR) + '" y1="' + Y(0) + '" y2="' + Y(0) + '"/>');
     g.push('<text class="axis" x="' + ((ML + W - MR) / 2) + '" y="' + (H - 10) + '" text-anchor="middle">speedup over the reference (log scale; right is faster)</text>');
@@ -246,7 +281,8 @@
            esc(D.metric) + ' vs reference (' + (D.hib ? 'up' : 'down') + ' is better)</text>');
     if (rows.length <= MAXBARS) rows.forEach(function (r) {
       var s = speedIv(r);
-      g.push('<line class="eb" x1="' + X(s[0]) + '" x2="' + X(s[1]) + '" y1="' + Y(r.delta) + '" y2="' + Y(r.delta) + '" stroke="' + color(r.family) + '"/>');
+      var eb = r.speed_ok ? 'eb' : 'eb unreliable';
+      g.push('<line class="' + eb + '" x1="' + X(s[0]) + '" x2="' + X(s[1]) + '" y1="' + Y(r.delta) + '" y2="' + Y(r.delta) + '" stroke="' + color(r.family) + '"/>');
       if (r.dlo != null && r.dhi != null)
         g.push('<line class="eb" x1="' + X(r.speedup) + '" x2="' + X(r.speedup) + '" y1="' + Y(r.dlo) + '" y2="' + Y(r.dhi) + '" stroke="' + color(r.family) + '"/>');
     });
@@ -258,7 +294,8 @@
       g.push('<path class="front" d="' + d + '"/>');
     }
     rows.forEach(function (r, i) {
-      g.push('<a href="' + esc(ROOT + r.page) + '"><circle class="pt' + (r._front ? ' on-front' : '') + '" data-i="' + i +
+      g.push('<a href="' + esc(ROOT + r.page) + '"><circle class="pt' + (r._front ? ' on-front' : '') +
+             (r.speed_ok ? '' : ' unreliable') + (r.noise ? ' noise' : '') + '" data-i="' + i +
              '" cx="' + X(r.speedup) + '" cy="' + Y(r.delta) + '" r="' + (r._front ? 5.5 : 4) + '" fill="' + color(r.family) + '"/></a>');
     });
     g.push('</svg>');
@@ -269,6 +306,8 @@
     $('legend').innerHTML = fams.map(function (f) {
       return '<span class="lg"><span class="dot" style="background:' + color(f) + '"></span>' + esc(f) + '</span>';
     }).join('') + '<span class="lg"><span class="line"></span>Pareto front</span>' +
+      (nf ? '<span class="lg"><span class="band"></span>noise floor (reference vs itself)</span>' : '') +
+      (rows.some(function (r) { return !r.speed_ok; }) ? '<span class="lg"><span class="dot hollow"></span>unreliable speed (not ranked)</span>' : '') +
       (rows.length > MAXBARS ? '<span class="lg muted">intervals drawn up to ' + MAXBARS + ' points; filter to see them</span>' : '');
     plotRows = rows;
   }
@@ -279,7 +318,10 @@
     var r = plotRows[+t.getAttribute('data-i')];
     tip.innerHTML = '<strong>' + esc(r.method) + '</strong> <span class="fam fam-' + esc(r.family) + '">' + esc(r.family) + '</span><br>' +
       (r.hps ? '<code>' + esc(r.hps) + '</code><br>' : '') +
-      'speedup ' + fs(r.speedup) + iv(r.slo, r.shi, fs) + '<br>Δ ' + esc(D.metric) + ' ' + fd(r.delta) + iv(r.dlo, r.dhi, fd) +
+      (r.noise ? '<span class="noise-tag">noise floor</span><br>' : '') +
+      'speedup ' + fs(r.speedup) + iv(r.slo, r.shi, fs) +
+      (r.speed_ok ? '' : ' <span class="flag">unreliable</span><br><span class="reasons">' + esc(r.speed_reasons.join('; ')) + '</span>') +
+      '<br>Δ ' + esc(D.metric) + ' ' + fd(r.delta) + iv(r.dlo, r.dhi, fd) +
       '<br><span class="muted">seed ' + esc(r.seed) + ' · ' + esc(r.date) + ' · click for the run</span>';
     tip.style.left = Math.min(ev.clientX + 14, window.innerWidth - 330) + 'px';
     tip.style.top = (ev.clientY + 14) + 'px';
@@ -288,13 +330,16 @@
 
   // ---- downloads (Blob URLs work from file://) -------------------------------------------------------
   var FIELDS = ['task', 'profile', 'method', 'family', 'hyperparameters', 'seed', 'metric', 'value', 'reference_value',
-                'delta', 'delta_low', 'delta_high', 'speedup', 'speedup_low', 'speedup_high', 'method_peak_bytes',
+                'delta', 'delta_low', 'delta_high', 'speedup', 'speedup_low', 'speedup_high', 'speed_status',
+                'speed_reasons', 'noise_floor', 'method_peak_bytes',
                 'reference_peak_bytes', 'method_bytes', 'parameters', 'nonzero_parameters', 'cost_seconds',
                 'verified', 'tier', 'created_at', 'run_id', 'result_file', 'rank', 'tied', 'pareto_front'];
   function record(r) {
     return {task: D.task, profile: r.profile, method: r.method, family: r.family, hyperparameters: r.hp, seed: r.seed,
       metric: D.metric, value: r.value, reference_value: r.ref, delta: r.delta, delta_low: r.dlo, delta_high: r.dhi,
-      speedup: r.speedup, speedup_low: r.slo, speedup_high: r.shi, method_peak_bytes: r.mem,
+      speedup: r.speedup, speedup_low: r.slo, speedup_high: r.shi,
+      speed_status: r.speed_ok ? 'ok' : 'unreliable', speed_reasons: r.speed_reasons.join('; '), noise_floor: r.noise,
+      method_peak_bytes: r.mem,
       reference_peak_bytes: r.mem_ref, method_bytes: r.bytes, parameters: r.params, nonzero_parameters: r.nonzero,
       cost_seconds: r.cost_s, verified: r.verified, tier: r.tier, created_at: r.created_at, run_id: r.id,
       result_file: 'results/' + r.file, rank: r._rank, tied: r._tied, pareto_front: r._front};
@@ -315,15 +360,20 @@
   function render() {
     var rows = selected();
     markFront(rows);
-    markRanks(rows, rankBy() === 'delta' ? goodIv : speedIv);
+    markRanks(rows, rankBy() === 'delta' ? goodIv : speedIv, rankable);  // never an unreliable speed or the noise floor
     shown = sortRows(rows);
     renderHead();
     renderTable(shown);
     renderPlot(shown);
     var nf = rows.filter(function (r) { return r._front; }).length, total = D.rows.filter(function (r) { return r.profile === state.profile; }).length;
+    var nu = rows.filter(function (r) { return !r.speed_ok && !r.noise; }).length;
     $('status').innerHTML = 'Profile <span class="profile" id="cur-profile">' + esc(state.profile) + '</span>: ' +
-      rows.length + ' of ' + total + ' result' + (total === 1 ? '' : 's') + ' shown, ' + nf + ' on the Pareto front. ' +
+      rows.length + ' of ' + total + ' result' + (total === 1 ? '' : 's') + ' shown, ' + nf + ' on the Pareto front' +
+      (nu ? ', <span class="unreliable">' + nu + ' with an unreliable speed (greyed, not ranked)</span>' : '') + '. ' +
       'Other profiles are ranked separately.';
+    Array.prototype.forEach.call($('noise-floors').querySelectorAll('[data-profile]'), function (el) {
+      el.hidden = el.getAttribute('data-profile') !== state.profile;
+    });
   }
 
   $('filters').addEventListener('change', function () { readControls(); limit = PAGE; commit(); });

@@ -8,8 +8,8 @@ from typing import Any
 
 from bench import __version__
 from bench.provenance import config_hash
-from bench.result import (ArmTiming, Compute, Cost, ErrorInfo, Fidelity, Interval, Machine, Memory, MethodInfo,
-                          ProfileInfo, Provenance, Quality, Result, Size, SizeOf, Speed, TaskInfo)
+from bench.result import (ArmTiming, Compute, Contention, Cost, ErrorInfo, Fidelity, Interval, Machine, Memory,
+                          MethodInfo, ProfileInfo, Provenance, Quality, Result, Size, SizeOf, Speed, TaskInfo)
 from bench.store import write_result
 
 XSS = "<script>alert(1)</script>"  # what a hostile result file might hold in any free-text field
@@ -24,7 +24,11 @@ def make_result(*, task: str = "digits", method: str = "kd", profile: str = "cpu
                 speedup: float = 2.0, sci: float = 0.1, n: int = 0, status: str = "ok", tier: str = "embedded",
                 metric: str = "top1_accuracy", hib: bool = True, paper: str = "Hinton et al., Distilling",
                 url: str = "https://arxiv.org/abs/1503.02531", command: str | None = None,
-                created_at: str = "2025-01-01T00:00:00+00:00") -> Result:
+                created_at: str = "2025-01-01T00:00:00+00:00", speed_status: str | None = "ok",
+                reasons: list[str] | None = None, other_share: float | None = None) -> Result:
+    """A valid record. `speed_status` sets the speed verdict: "ok" (no reasons), "unreliable" (with `reasons`,
+    a contention reason by default), or None for a record made before the verdict existed (the model's
+    default: unreliable, with the legacy reason)."""
     hp = {"temperature": 4.0, "alpha": 0.5} if hp is None else hp
     family = FAMILY.get(method, "distillation")
     cfg = config_hash(task, "1", method, "1", hp, profile, seed, __version__)
@@ -45,6 +49,16 @@ def make_result(*, task: str = "digits", method: str = "kd", profile: str = "cpu
         return Result(status="failed", **common,
                       error=ErrorInfo(type="RuntimeError", message="synthetic failure", traceback="Traceback ..."))
     value = ref + delta
+    verdict: dict[str, Any] = {}
+    if speed_status == "ok":
+        verdict = dict(status="ok", reasons=[], precision=sci, precision_target=max(sci, 0.05))
+    elif speed_status is not None:
+        share = 0.5 if other_share is None else other_share
+        verdict = dict(status=speed_status, reasons=reasons or [
+            f"contended: other processes used {share:.0%} of the 2 CPUs while the pairs ran (limit 10%)"],
+            precision=sci, precision_target=0.05,
+            contention=Contention(other_cpu_share=share, steal_share=0.0, load_average_1m=2.5, cpus=2, wall_s=12.0,
+                                  limit=0.1))
     return Result(
         status="ok", **common,
         quality=Quality(metric=metric, higher_is_better=hib, value=value, reference_value=ref, delta=value - ref,
@@ -54,7 +68,8 @@ def make_result(*, task: str = "digits", method: str = "kd", profile: str = "cpu
         speed=Speed(unit="seconds per pass over 449 images", items_per_call=449,
                     reference=ArmTiming(median_s=0.02, iqr_s=0.001, n=30),
                     method=ArmTiming(median_s=0.02 / speedup, iqr_s=0.001, n=30), speedup=speedup,
-                    interval=Interval(low=speedup * (1 - sci), high=speedup * (1 + sci)), synchronized=False),
+                    interval=Interval(low=speedup * (1 - sci), high=speedup * (1 + sci)), synchronized=False,
+                    **verdict),
         memory=Memory(measure="tracemalloc", reference_peak_bytes=4_000_000, method_peak_bytes=1_000_000),
         size=Size(reference=SizeOf(parameters=160_000, nonzero_parameters=160_000, bytes=640_000),
                   method=SizeOf(parameters=3_700, nonzero_parameters=3_700, bytes=14_800), sparsity=0.0,
@@ -76,8 +91,25 @@ def write(result: Result, root: Path, verified: bool = False, fsync: bool = True
     return path
 
 
+CONTENDED = "contended: other processes used 50% of the 2 CPUs while the pairs ran (limit 10%)"
+
+
+def unreliable_tree(root: Path) -> Path:
+    """digits: on cpu a noise floor, a reliable kd, a faster magnitude whose timing was contended (one reason
+    tries markup) and a deepcache record made before the speed verdict existed; on h100-bf16 a kd with no noise
+    floor beside it."""
+    write(make_result(method="none", hp={}, delta=0.0, speedup=1.0, sci=0.02, n=1), root)
+    write(make_result(method="kd", delta=-0.004, speedup=2.0, n=2), root)
+    write(make_result(method="magnitude", hp={"sparsity": 0.5}, delta=-0.002, speedup=4.0, n=3,
+                      speed_status="unreliable", reasons=[CONTENDED, f"imprecise: {XSS}"]), root)
+    write(make_result(method="deepcache", hp={"interval": 3}, delta=0.0, speedup=6.0, n=4, speed_status=None), root)
+    write(make_result(method="kd", profile="h100-bf16", delta=-0.001, speedup=5.0, n=5), root)
+    return root
+
+
 def synthetic_tree(root: Path, n: int, seed: int = 0) -> list[Path]:
-    """`n` valid results over three tasks, two profiles and every family, with a few failed runs."""
+    """`n` valid results over three tasks, two profiles and every family, with a few failed runs and a few
+    whose speed is unreliable."""
     rng = random.Random(seed)
     methods = sorted(FAMILY)
     paths = []
@@ -89,6 +121,7 @@ def synthetic_tree(root: Path, n: int, seed: int = 0) -> list[Path]:
                         profile=("cpu", "h100-bf16")[(i // 3) % 2], seed=i, hp=hp, n=i,
                         delta=0.0 if method == "none" else -abs(rng.gauss(0, 0.03)), dci=rng.uniform(0.002, 0.02),
                         speedup=speedup, sci=rng.uniform(0.01, 0.2), status="failed" if i % 97 == 5 else "ok",
+                        speed_status="unreliable" if i % 11 == 3 else "ok",
                         created_at=f"2025-{1 + i % 12:02d}-{1 + i % 28:02d}T00:00:00+00:00")
         paths.append(write(r, root, verified=i % 5 == 0, fsync=False))
     return paths

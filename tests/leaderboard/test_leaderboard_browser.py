@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from leaderboard.build import build_site
-from lb_synth import XSS
+from lb_synth import CONTENDED, XSS, unreliable_tree
 
 CHROMIUM = os.environ.get("BENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -159,6 +159,38 @@ def test_home_and_method_pages(browser, results_tree: Path, tmp_path: Path):
     assert w.page.locator("#f-profile").input_value() == "h100-bf16"
     w.goto((site / "methods" / "magnitude.html").as_uri())
     assert XSS in w.page.locator("main").inner_text()
+    w.check_clean()
+    w.context.close()
+
+
+def test_unreliable_speeds_and_the_noise_floor(browser, tmp_path: Path):
+    site = build_site(unreliable_tree(tmp_path / "results"), tmp_path / "site").out
+    w = Watched(browser)
+    page = w.page
+    w.goto((site / "tasks" / "digits.html").as_uri())
+    assert counts(page) == (4, 4)  # every cpu row is drawn: the noise floor and the unreliable ones too
+    first = page.locator("#tbody tr[data-id]").first
+    assert "noise" in first.get_attribute("class") and "noise floor" in first.inner_text()  # pinned first
+    bad = page.locator("#tbody tr.unreliable")
+    assert bad.count() == 2 and page.locator("#plot circle.pt.unreliable").count() == 2
+    for i in range(2):  # no rank, the speedup greyed and marked, the reasons in its tooltip
+        assert bad.nth(i).locator("td.rank").inner_text() == "–"
+        assert bad.nth(i).locator("td.unreliable .flag").inner_text().lower() == "unreliable"
+    titles = [bad.nth(i).locator("td.unreliable").get_attribute("title") for i in range(2)]
+    assert any(CONTENDED in t and XSS in t for t in titles)  # as text in an attribute, never run
+    assert page.locator("#tbody tr.front").count() == page.locator("#plot circle.on-front").count() == 1  # kd
+    assert page.locator("#tbody tr:not(.unreliable):not(.noise) td.rank").all_inner_texts() == ["1"]
+    nf = page.locator("#noise-floors p:visible")
+    assert nf.count() == 1 and "Noise floor" in nf.inner_text() and "1.00× [0.98×, 1.02×]" in nf.inner_text()
+    assert page.locator("#plot rect.nfband").count() == 1
+    page.locator("th[data-key='delta']").click()  # ranked by quality: still no rank for them
+    page.wait_for_function("location.hash.includes('sort=delta')")
+    assert [bad.nth(i).locator("td.rank").inner_text() for i in range(2)] == ["–", "–"]
+    page.select_option("#f-profile", "h100-bf16")
+    page.wait_for_function("location.hash.includes('profile=h100-bf16')")
+    nf = page.locator("#noise-floors p:visible")
+    assert nf.count() == 1 and "no noise-floor record yet" in nf.inner_text()
+    assert page.locator("#plot rect.nfband").count() == 0
     w.check_clean()
     w.context.close()
 

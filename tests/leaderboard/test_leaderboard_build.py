@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from leaderboard.build import MARKER, BuildError, build_site
-from lb_synth import XSS, make_result, synthetic_tree, write
+from lb_synth import CONTENDED, XSS, make_result, synthetic_tree, unreliable_tree, write
 
 runner = CliRunner()
 
@@ -33,7 +33,9 @@ def embedded(page: Path) -> dict:
 def test_pages_for_every_task_method_and_run(results_tree: Path, tmp_path: Path):
     out = tmp_path / "site"
     report = build_site(results_tree, out)
-    assert (report.results, report.ranked, report.tasks, report.invalid) == (9, 8, 1, [])
+    # 8 rows shown; 7 ranked: the `none` row is the noise floor, never ranked
+    assert (report.results, report.shown, report.ranked, report.unreliable, report.tasks, report.invalid) == \
+        (9, 8, 7, 0, 1, [])
     for rel in ("index.html", "tasks/digits.html", "methods/index.html", "methods/kd.html", "assets/task.js",
                 "assets/site.css", "assets/site.js", MARKER):
         assert (out / rel).is_file(), rel
@@ -175,7 +177,7 @@ def test_cli_build_and_serve(results_tree: Path, tmp_path: Path):
 
     out = tmp_path / "site"
     res = runner.invoke(app, ["leaderboard", "build", "--results", str(results_tree), "--out", str(out)])
-    assert res.exit_code == 0 and "9 results (8 ranked) on 1 task(s)" in res.output
+    assert res.exit_code == 0 and "9 results (7 ranked) on 1 task(s)" in res.output
     server = make_server(out, 0)
     host, port = server.server_address[:2]
     assert host == "127.0.0.1"
@@ -206,3 +208,87 @@ def test_import_is_light():
             "print(sorted(m for m in ('torch', 'jinja2', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_unreliable_speeds_are_greyed_with_their_reasons_and_never_ranked(tmp_path: Path):
+    from bench.result import LEGACY_REASON
+
+    root = unreliable_tree(tmp_path / "results")
+    report = build_site(root, tmp_path / "site")
+    assert (report.shown, report.ranked, report.unreliable) == (5, 2, 2)
+    site = report.out
+    rows = {r["method"]: r for r in embedded(site / "tasks" / "digits.html")["rows"] if r["profile"] == "cpu"}
+    assert rows["magnitude"]["speed_ok"] is False and rows["magnitude"]["speed_reasons"] == [CONTENDED,
+                                                                                           f"imprecise: {XSS}"]
+    assert rows["deepcache"]["speed_ok"] is False and rows["deepcache"]["speed_reasons"] == [LEGACY_REASON]
+    assert rows["kd"]["speed_ok"] is True and rows["none"]["noise"] is True
+    assert rows["magnitude"]["value"] is not None  # quality is shown as usual
+
+    # home card: the fastest pick per family skips the unreliable speeds, and says why a family has none
+    home = (site / "index.html").read_text()
+    cpu = home.split('data-profile="cpu"')[1].split('data-profile="h100-bf16"')[0]
+    assert "2.00×" in cpu and "4.00×" not in cpu and "6.00×" not in cpu
+    assert "1 ranked result," in cpu and "2 with an unreliable speed" in cpu
+    assert cpu.count("within the budget, but <span class=\"flag\"") == 2  # pruning and caching
+    # run page: the speed greyed, marked and explained; quality untouched
+    run = next((site / "runs" / "cpu" / "digits" / "magnitude").glob("*.html")).read_text()
+    assert 'class="unreliable"' in run and '<span class="flag">unreliable</span>' in run
+    assert CONTENDED in run and "&lt;script&gt;" in run and XSS not in run
+    assert "bench remeasure results/cpu/digits/magnitude/" in run
+    assert "50% of the 2 CPUs" in run  # the contention measured
+    legacy = next((site / "runs" / "cpu" / "digits" / "deepcache").glob("*.html")).read_text()
+    assert "timed before bench measured contention and precision" in legacy
+    ok = next((site / "runs" / "cpu" / "digits" / "kd").glob("*.html")).read_text()
+    assert 'Speed verdict: <span class="ok">ok</span>' in ok and '<span class="flag">unreliable</span>' not in ok
+    # method page: greyed, marked, with the reasons as text and as a tooltip
+    method = (site / "methods" / "magnitude.html").read_text()
+    assert '<td class="unreliable" title="unreliable speed: ' + CONTENDED in method
+    assert '<span class="flag">unreliable</span>' in method
+    assert '<span class="flag">unreliable</span>' not in (site / "methods" / "kd.html").read_text()
+
+
+def test_task_page_shows_the_noise_floor_or_how_to_make_one(tmp_path: Path):
+    root = unreliable_tree(tmp_path / "results")
+    site = build_site(root, tmp_path / "site").out
+    task = (site / "tasks" / "digits.html").read_text()
+    cpu = task.split('class="noise-floor" data-profile="cpu"')[1].split("</p>")[0]
+    assert "Noise floor</strong> (reference vs itself" in cpu
+    assert '<span class="nf-speed">1.00× [0.98×, 1.02×]</span>' in cpu
+    h100 = task.split('data-profile="h100-bf16" hidden>')[1].split("</p>")[0]
+    assert "no noise-floor record yet: <code>bench run --method none --task digits --profile h100-bf16</code>" in h100
+    assert embedded(site / "tasks" / "digits.html")["noise"] == {
+        "cpu": next(r["id"] for r in embedded(site / "tasks" / "digits.html")["rows"] if r["method"] == "none"),
+        "h100-bf16": None}
+    home = (site / "index.html").read_text()
+    assert "Noise floor (reference vs itself): <a href=" in home
+    assert "No noise-floor record yet: <code>bench run --method none --task digits --profile h100-bf16</code>" in home
+    none_run = next((site / "runs" / "cpu" / "digits" / "none").glob("*.html")).read_text()
+    assert "<strong>noise floor</strong>" in none_run
+
+
+def test_noise_floor_prefers_a_reliable_run_and_greys_an_unreliable_one(tmp_path: Path):
+    root = tmp_path / "results"
+    write(make_result(method="none", hp={}, delta=0.0, speedup=1.0, sci=0.02, n=1, seed=1,
+                      created_at="2025-01-01T00:00:00+00:00"), root)
+    write(make_result(method="none", hp={}, delta=0.0, speedup=1.1, sci=0.2, n=2, seed=2, speed_status="unreliable",
+                      created_at="2025-02-01T00:00:00+00:00"), root)
+    task = (build_site(root, tmp_path / "site").out / "tasks" / "digits.html").read_text()
+    assert "1.00× [0.98×, 1.02×]" in task and "(the latest reliable one of 2 <code>none</code> runs)" in task
+    root2 = tmp_path / "results2"
+    write(make_result(method="none", hp={}, delta=0.0, speedup=1.1, sci=0.2, n=2, speed_status=None), root2)
+    task = (build_site(root2, tmp_path / "site2").out / "tasks" / "digits.html").read_text()
+    assert 'class="noise-floor unreliable" data-profile="cpu"' in task
+    assert "Unreliable: timed before bench measured contention and precision" in task
+
+
+def test_legacy_records_all_build_and_none_is_ranked(tmp_path: Path):
+    """Records made before the speed verdict load as unreliable: the site shows them all, ranks none."""
+    root = tmp_path / "results"
+    for i, m in enumerate(("none", "kd", "magnitude")):
+        write(make_result(method=m, hp={} if m == "none" else None, delta=0.0 if m == "none" else -0.003,
+                          speedup=1.0 if m == "none" else 2.0 + i, n=i, speed_status=None), root)
+    res = runner.invoke(app, ["leaderboard", "build", "--results", str(root), "--out", str(tmp_path / "site")])
+    assert res.exit_code == 0, res.output
+    assert "3 results (0 ranked; 2 with an unreliable speed, shown greyed and not ranked" in res.output
+    home = (tmp_path / "site" / "index.html").read_text()
+    assert "0 ranked results" in home and "2 with an unreliable speed" in home

@@ -10,15 +10,17 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from leaderboard import data as D
-from lb_synth import make_result, write
+from lb_synth import make_result, unreliable_tree, write
 
 runner = CliRunner()
 
 
-def row(speedup, delta, slo=None, shi=None, dlo=None, dhi=None, hib=True, ref=0.9, name="m", i=0):
+def row(speedup, delta, slo=None, shi=None, dlo=None, dhi=None, hib=True, ref=0.9, name="m", i=0, ok=True,
+        reasons=None):
     return {"speedup": speedup, "delta": delta, "slo": slo if slo is not None else speedup * 0.95,
             "shi": shi if shi is not None else speedup * 1.05, "dlo": dlo, "dhi": dhi, "hib": hib, "ref": ref,
-            "method": name, "id": f"r{i}"}
+            "method": name, "id": f"r{i}", "family": "none" if name == "none" else "pruning", "speed_ok": ok,
+            "speed_reasons": [] if ok else (reasons or ["contended: other processes used 50% of the 2 CPUs"])}
 
 
 def test_pareto_front():
@@ -28,6 +30,13 @@ def test_pareto_front():
     assert D.pareto_front([]) == set()
     lower = [row(1.0, 0.0, hib=False), row(2.0, 1.0, hib=False), row(2.0, -1.0, hib=False)]
     assert D.pareto_front(lower) == {2}  # lower is better: a negative delta is an improvement
+
+
+def test_the_reference_itself_bounds_the_front():
+    # not compressing at all (1x, no change) dominates a row that is slower and no better, or as fast and worse
+    rows = [row(0.9, 0.0), row(0.8, 0.01), row(1.0, -0.01), row(2.0, -0.02)]
+    assert D.pareto_front(rows) == {1, 3}  # without the reference, 0 and 2 would be on it too
+    assert D.pareto_front([row(1.0, 0.0)]) == {0}  # equal to the reference: not dominated
 
 
 def test_ranks_are_ties_when_intervals_overlap():
@@ -61,12 +70,27 @@ def test_budget_in_metric_units():
 
 def test_recommend_keeps_the_front_within_budget_fastest_first():
     rows = [row(1.0, 0.0, name="none"), row(3.0, -0.004, name="kd", dlo=-0.012, dhi=0.004),
-            row(3.1, -0.03, name="kd2"), row(2.0, -0.002, name="prune", i=1), row(1.5, -0.008, name="slow")]
+            row(3.1, -0.03, name="kd2"), row(2.0, -0.002, name="prune", i=1), row(1.5, -0.008, name="slow"),
+            row(1.1, 0.0, name="tiny")]
     picks = D.recommend(rows, D.parse_budget("1%"))  # 0.009 allowed
-    assert [p["method"] for p in picks] == ["kd", "prune", "none"]
+    assert [p["method"] for p in picks] == ["kd", "prune", "tiny"]  # the noise floor (none) is never a pick
     assert [p["rank"] for p in picks] == [1, 2, 3]
     assert picks[0]["sure"] is False and picks[1]["sure"] is True  # kd's interval reaches -0.012
-    assert [p["method"] for p in D.recommend(rows, D.parse_budget("0.05"))] == ["kd2", "kd", "prune", "none"]
+    assert [p["method"] for p in D.recommend(rows, D.parse_budget("0.05"))] == ["kd2", "kd", "prune", "tiny"]
+
+
+def test_unreliable_speeds_are_never_ranked_on_the_front_or_recommended():
+    bad = ["contended: other processes used 50% of the 2 CPUs while the pairs ran (limit 10%)"]
+    rows = [row(1.0, 0.0, name="none"), row(5.0, 0.0, name="fast", ok=False, reasons=bad),
+            row(3.0, -0.004, name="kd"), row(2.0, -0.002, name="prune", i=1)]
+    picks = D.recommend(rows, D.parse_budget("1%"))
+    # "fast" would dominate both, but its speed is unreliable: it neither ranks nor shapes the front
+    assert [p["method"] for p in picks] == ["kd", "prune"] and [p["rank"] for p in picks] == [1, 2]
+    assert [r["method"] for r in D.unreliable_within(rows, D.parse_budget("1%"))] == ["fast"]
+    assert D.unreliable_text(rows[1]) == "unreliable speed: " + bad[0]
+    assert not D.rankable(rows[0]) and not D.rankable(rows[1]) and D.rankable(rows[2])
+    only_bad = [row(1.0, 0.0, name="none"), row(5.0, 0.0, name="fast", ok=False)]
+    assert D.recommend(only_bad, D.parse_budget("1%")) == []
 
 
 def test_cli_recommend(results_tree: Path):
@@ -76,8 +100,10 @@ def test_cli_recommend(results_tree: Path):
     out = res.output
     # front within 0.98 pp: kd T=4 (3.0x), magnitude 0.5 (1.4x), none; not kd T=2 (-3 pp), not deepcache
     # (within budget, but kd is faster and better), not speculative (slower than none at the same quality)
-    order = [out.index(f"bench reproduce results/cpu/digits/{m}/") for m in ("kd", "magnitude", "none")]
+    order = [out.index(f"bench reproduce results/cpu/digits/{m}/") for m in ("kd", "magnitude")]
     assert order == sorted(order)
+    assert "bench reproduce results/cpu/digits/none/" not in out  # the noise floor is never a pick
+    assert "Noise floor (reference vs itself): 1.00× [0.98×, 1.02×]" in out
     assert "deepcache" not in out and "speculative" not in out
     assert "temperature=2.0" not in out and "5.00×" not in out  # nor the h100 run: profiles never mix
     assert "originally: bench run --method kd --task digits --profile cpu" in out
@@ -86,12 +112,16 @@ def test_cli_recommend(results_tree: Path):
 
 
 def test_cli_recommend_json(results_tree: Path):
-    res = runner.invoke(app, ["recommend", "-t", "digits", "--max-drop", "0.001", "--json",
+    res = runner.invoke(app, ["recommend", "-t", "digits", "--max-drop", "0.005", "--json",
                               "--results", str(results_tree)])
     assert res.exit_code == 0, res.output
-    picks = json.loads(res.output)
-    assert [p["method"] for p in picks] == ["none"] or picks[0]["method"] == "speculative"
+    picks = json.loads(res.stdout)
+    assert [p["method"] for p in picks] == ["kd", "magnitude"] and [p["rank"] for p in picks] == [1, 2]
     assert all(p["reproduce"].startswith("bench reproduce results/cpu/digits/") for p in picks)
+    # nothing but the noise floor within 0.001; speculative is slower than the reference at the same quality
+    res = runner.invoke(app, ["recommend", "-t", "digits", "--max-drop", "0.001", "--json",
+                              "--results", str(results_tree)])
+    assert res.exit_code == 1 and json.loads(res.stdout) == []
 
 
 def test_cli_recommend_errors(results_tree: Path, tmp_path: Path):
@@ -111,3 +141,34 @@ def test_cli_recommend_nothing_within_budget(tmp_path: Path):
     write(make_result(method="kd", delta=-0.05, speedup=3.0), root)
     res = runner.invoke(app, ["recommend", "--task", "digits", "--max-drop", "1%", "--results", str(root)])
     assert res.exit_code == 1 and "No method on the Pareto front is within the budget" in res.output
+
+
+def test_cli_recommend_leaves_unreliable_speeds_out_and_names_them(tmp_path: Path):
+    root = unreliable_tree(tmp_path / "results")
+    res = runner.invoke(app, ["recommend", "--task", "digits", "--max-drop", "1%", "--results", str(root)])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "Recommended" in out and "bench reproduce results/cpu/digits/kd/" in out
+    assert "bench reproduce results/cpu/digits/magnitude/" not in out
+    assert "bench reproduce results/cpu/digits/deepcache/" not in out
+    assert "2 methods fit the budget but their speed is unreliable" in out
+    assert "contended: other processes used 50% of the 2 CPUs" in out
+    assert "timed before bench measured contention and precision" in out  # the legacy record's reason
+    assert f"bench remeasure {root.as_posix()}/cpu/digits/magnitude/" in out
+    assert "2 with an unreliable speed" in out
+    res = runner.invoke(app, ["recommend", "--task", "digits", "--max-drop", "1%", "--json", "--results", str(root)])
+    assert res.exit_code == 0 and [p["method"] for p in json.loads(res.stdout)] == ["kd"]
+    assert "2 methods fit the budget but their speed is unreliable" in res.stderr
+
+
+def test_cli_recommend_when_only_unreliable_speeds_fit(tmp_path: Path):
+    root = tmp_path / "results"
+    write(make_result(method="kd", delta=-0.004, speedup=2.0, n=1, speed_status=None), root)
+    write(make_result(method="magnitude", hp={"sparsity": 0.9}, delta=-0.05, speedup=4.0, n=2), root)
+    res = runner.invoke(app, ["recommend", "--task", "digits", "--max-drop", "1%", "--results", str(root)])
+    assert res.exit_code == 1, res.output
+    assert "1 method fits the budget but its speed is unreliable, so none is recommended" in res.output
+    assert "kd (temperature=4.0, alpha=0.5)" in res.output and "UNRELIABLE" in res.output
+    assert "No method on the Pareto front" not in res.output
+    # and where a task has no noise floor on the profile, recommend says how to make one
+    assert "no noise-floor record yet: bench run --method none --task digits --profile cpu" in res.output
