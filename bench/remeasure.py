@@ -49,6 +49,7 @@ def _version_blockers(record: Result) -> list[str]:
 def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | None = None) -> Result:
     """Re-time the record at `path` and rewrite it with the new speed; the new record. Raises
     `RemeasureRefused` when the record cannot be re-timed as it stands (nothing is written then)."""
+    from bench.hardware import detect_machine
     from bench.measure import count_parameters, serialized_bytes
     from bench.progress import Reporter
     from bench.provenance import git_state, package_versions
@@ -95,7 +96,7 @@ def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | N
     stamp = Remeasured(at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        bench_version=record.provenance.bench_version, git_sha=sha, git_dirty=dirty,
                        command=shlex.join(["bench", *argv[1:]]) if argv else "bench remeasure",
-                       packages=package_versions())
+                       packages=package_versions(), machine=detect_machine())
     speed = speed_record(m, rules, unit, items, remeasured=stamp)
     new = Result.model_validate({**record.model_dump(by_alias=True), "speed": speed.model_dump()})
     atomic_write_text(path, new.to_json())

@@ -152,6 +152,8 @@ class Remeasured(_M):
     git_dirty: bool | None
     command: str
     packages: dict[str, str] = Field(default_factory=dict, description="package versions it was re-timed with")
+    machine: Machine | None = Field(None, description="the machine it was re-timed on (profile.detected is the "
+                                    "original run's)")
 
 
 LEGACY_REASON = "timed before bench measured contention and precision (run `bench remeasure` on it)"

@@ -40,6 +40,7 @@ def test_remeasure_rewrites_only_the_speed(made, tmp_path):
     s = load_result(path).speed
     assert s.remeasured is not None and s.remeasured.command.startswith("bench remeasure")
     assert s.remeasured.packages.get("torch") and s.attempts and s.precision is not None
+    assert s.remeasured.machine is not None and s.remeasured.machine.cpu_count >= 1
     assert "re-timed" in res.output
 
 
