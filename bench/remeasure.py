@@ -46,7 +46,8 @@ def _version_blockers(record: Result) -> list[str]:
     return out
 
 
-def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | None = None) -> Result:
+def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | None = None,
+              precision: float | None = None) -> Result:
     """Re-time the record at `path` and rewrite it with the new speed; the new record. Raises
     `RemeasureRefused` when the record cannot be re-timed as it stands (nothing is written then)."""
     from bench.hardware import detect_machine
@@ -90,7 +91,7 @@ def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | N
     if problems:
         raise RemeasureRefused("not the configuration the record measured, so its speed is not re-timed:\n  "
                                + "\n  ".join(problems))
-    m, rules = measure_speed(ref_fn, met_fn, p.ctx, reporter, processes, spec)
+    m, rules = measure_speed(ref_fn, met_fn, p.ctx, reporter, processes, spec, precision)
     sha, dirty = git_state()
     argv = argv if argv is not None else sys.argv
     stamp = Remeasured(at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

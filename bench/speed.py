@@ -159,7 +159,7 @@ def prepare(spec: RunSpec, progress=None) -> Prepared:
     from bench.profiles import load_profile
     from bench.progress import Reporter
     from bench.runner import setup_torch
-    from tasks.base import RunContext
+    from bench.api import RunContext
 
     tspec = registry.get_task_spec(spec.task)
     mspec = registry.get_method_spec(spec.method)
@@ -194,9 +194,17 @@ def _worker_main(arg: str) -> int:
 
 # --- the record ------------------------------------------------------------------------------------------------
 
-def measure_speed(ref_fn, met_fn, ctx, progress, processes: int = 1, spec: RunSpec | None = None):
-    """Hold the machine-wide lock and time the two arms (here, or in `processes` workers rebuilt from `spec`)."""
+def measure_speed(ref_fn, met_fn, ctx, progress, processes: int = 1, spec: RunSpec | None = None,
+                  precision: float | None = None):
+    """Hold the machine-wide lock and time the two arms (here, or in `processes` workers rebuilt from `spec`);
+    `precision` replaces the profile's target (e.g. a tighter one for a noise floor; the record keeps it)."""
+    from dataclasses import replace
+
     rules = rules_for(ctx)
+    if precision is not None:
+        if not 0 < precision < 1:
+            raise ValueError(f"precision={precision}: a relative half-width between 0 and 1, e.g. 0.02")
+        rules = replace(rules, precision=precision)
     with timing_lock(progress):
         if processes > 1:
             if spec is None:
