@@ -141,3 +141,35 @@ def cached_json(path: Path, build: Callable[[], Any]) -> tuple[Any, bool]:
 def key(*parts: Any) -> str:
     """A short stable hash of `parts` for cache file names."""
     return sha256_bytes(json.dumps(parts, sort_keys=True, default=str).encode())[:16]
+
+
+# --- identities and places shared by tasks and methods -----------------------------------------------------
+
+def state_sha256(state: dict) -> str:
+    """sha256 over the sorted names, dtypes, shapes and raw bytes of a state dict's tensors (tied tensors count
+    once per name). Independent of file format and sharding: the hash of the weights as loaded."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def weights_digest(model) -> str:
+    """The identity of a model's weights (parameters and buffers): what every cache key of a method's trained
+    part names its teacher or starting point by."""
+    return state_sha256(model.state_dict())
+
+
+def task_dir(task) -> Path:
+    """The cache folder of a task's own derived entries (controls, solutions), per task version."""
+    return cache_dir() / "tasks" / task.spec.name / f"v{task.spec.version}"
+
+
+def method_dir(method: str, task) -> Path:
+    """The cache folder of a method's trained parts on a task."""
+    return cache_dir() / "methods" / method / task.spec.name
+

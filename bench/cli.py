@@ -33,9 +33,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 @app.command("list")
-def list_(what: Annotated[Listable, typer.Argument(help="tasks, methods or profiles")]) -> None:
+def list_(what: Annotated[Listable, typer.Argument(help="tasks, methods or profiles")],
+          task: Annotated[Optional[str], typer.Option(help="with `methods`: only those that run on this task "
+                                                          "(its modality and declared capabilities)")] = None) -> None:
     """List the registered tasks, methods (grouped by family) or hardware profiles."""
-    from bench.registry import FAMILIES, METHODS, TASKS
+    from bench.registry import FAMILIES, METHODS, TASKS, RegistryError, get_task_spec, supports
 
     if what is Listable.tasks:
         t = Table(title="Tasks")
@@ -44,12 +46,19 @@ def list_(what: Annotated[Listable, typer.Argument(help="tasks, methods or profi
         for s in TASKS:
             t.add_row(s.name, s.tier, s.modality, s.metric, s.version, s.summary)
     elif what is Listable.methods:
-        t = Table(title="Methods")
-        for col in ("family", "name", "paper", "year", "modalities", "summary"):
+        t = Table(title="Methods" + (f" that run on {task}" if task else ""))
+        for col in ("family", "name", "paper", "year", "modalities", "needs", "summary"):
             t.add_column(col)
         specs = sorted(METHODS, key=lambda s: (FAMILIES.index(s.family), s.name))
+        if task:
+            try:
+                tspec = get_task_spec(task)
+            except RegistryError as e:
+                _fail(str(e))
+            specs = [s for s in specs if supports(s, tspec)]
         for s in specs:
-            t.add_row(s.family, s.name, s.paper, str(s.year or ""), ", ".join(s.modalities), s.summary)
+            t.add_row(s.family, s.name, s.paper, str(s.year or ""), ", ".join(s.modalities),
+                      _needs(s), s.summary)
     else:
         from bench.profiles import load_profile, profile_names
 
@@ -61,6 +70,15 @@ def list_(what: Annotated[Listable, typer.Argument(help="tasks, methods or profi
             t.add_row(p.name, p.device, p.dtype, str(p.threads),
                       ", ".join(f"{k}={v}" for k, v in p.batch_size.items()), p.description)
     out.print(t)
+
+
+def _needs(spec) -> str:
+    from bench.registry import requirement_name
+
+    req = spec.requires
+    if isinstance(req, dict):
+        return "; ".join(f"{m}: " + ", ".join(requirement_name(r) for r in rs) for m, rs in req.items() if rs)
+    return ", ".join(requirement_name(r) for r in req)
 
 
 @app.command()
@@ -323,6 +341,9 @@ def remeasure(
     records: Annotated[list[Path], typer.Argument(help="result JSON files (or folders of them) to re-time")],
     processes: Annotated[int, typer.Option(min=1, help="time in this many fresh worker processes and pool "
                                                        "them")] = 1,
+    precision: Annotated[Optional[float], typer.Option(min=0.001, max=0.5, help="the interval's target "
+                                                       "half-width instead of the profile's (e.g. 0.02 for a "
+                                                       "noise floor); recorded as speed.precision_target")] = None,
 ) -> None:
     """Re-time records' reference and method (trained parts from the cache; nothing is re-evaluated) and
     rewrite only their `speed` block, with the provenance of the re-measurement. Time on a quiet machine."""
@@ -343,8 +364,9 @@ def remeasure(
     for f in files:
         try:
             shown = os.path.relpath(f) if Path(f).is_absolute() else str(f)  # no local folder in the record
-            argv = ["bench", "remeasure", *(["--processes", str(processes)] if processes > 1 else []), shown]
-            new = do_remeasure(f, processes, RichReporter(err), argv=argv)
+            argv = ["bench", "remeasure", *(["--processes", str(processes)] if processes > 1 else []),
+                    *(["--precision", str(precision)] if precision is not None else []), shown]
+            new = do_remeasure(f, processes, RichReporter(err), argv=argv, precision=precision)
         except RemeasureRefused as e:
             refused += 1
             err.print(f"[red]refused[/] {f}:", highlight=False)

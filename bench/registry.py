@@ -41,6 +41,10 @@ class MethodSpec:
     # why its wall-clock speedup may exceed its MAC/NFE ratio (a saving the operation count does not see, e.g.
     # memory traffic or elementwise work skipped with the cached blocks); None: the ratio bounds the speedup
     beyond_compute: str | None = None
+    # the task capabilities (`bench.api`: TrainingRows, Draft, Student, ...) the method reads; a task that does
+    # not declare one of them is refused before any work starts. Each entry is a capability, or a tuple of
+    # alternatives (any one will do); a dict gives them per modality
+    requires: tuple | dict = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ def register_method(
     url: str = "",
     version: str = "1",
     beyond_compute: str | None = None,
+    requires: tuple | dict = (),
 ) -> Callable[[type], type]:
     """Class decorator: `@register_method("kd", family="distillation", ...)` on a `Method` subclass."""
     _check_choice(family, FAMILIES, "family", f"method {name!r}")
@@ -126,7 +131,8 @@ def register_method(
         _check_choice(m, MODALITIES, "modality", f"method {name!r}")
 
     def deco(cls: type) -> type:
-        spec = MethodSpec(name, family, paper, year, tuple(modalities), summary, url, version, cls, beyond_compute)
+        spec = MethodSpec(name, family, paper, year, tuple(modalities), summary, url, version, cls, beyond_compute,
+                          requires if isinstance(requires, dict) else tuple(requires))
         METHODS.add(name, spec)
         cls.spec = spec
         return cls
@@ -165,13 +171,48 @@ def get_method_spec(name: str) -> MethodSpec:
     return METHODS.get(name)
 
 
+def requirements(method: MethodSpec, modality: str) -> tuple:
+    """What `method` requires of a task of `modality`: capabilities, or tuples of alternatives."""
+    req = method.requires
+    return tuple(req.get(modality, ())) if isinstance(req, dict) else tuple(req)
+
+
+def missing_capabilities(method: MethodSpec, task: TaskSpec) -> list:
+    """The requirements of `method` that `task` does not meet (a capability, or a tuple of alternatives none
+    of which it declares)."""
+    mro = task.cls.__mro__
+    return [r for r in requirements(method, task.modality)
+            if not (any(c in mro for c in r) if isinstance(r, tuple) else r in mro)]
+
+
+def requirement_name(r) -> str:
+    return " or ".join(c.__name__ for c in r) if isinstance(r, tuple) else r.__name__
+
+
+def supports(method: MethodSpec, task: TaskSpec) -> bool:
+    return task.modality in method.modalities and not missing_capabilities(method, task)
+
+
 def check_supports(method: MethodSpec, task: TaskSpec) -> None:
     if task.modality not in method.modalities:
         raise RegistryError(
             f"method {method.name!r} does not support task {task.name!r}: the task's modality is "
             f"{task.modality!r}, and {method.name!r} supports {', '.join(method.modalities)}. "
-            f"Run `bench list methods` to see which methods run on which modality."
+            f"Run `bench list methods --task {task.name}` to see the methods that run on it."
         )
+    missing = missing_capabilities(method, task)
+    if missing:
+        parts = []
+        for req in missing:
+            alts = req if isinstance(req, tuple) else (req,)
+            have = [t.name for t in TASKS if any(c in t.cls.__mro__ for c in alts)
+                    and t.modality in method.modalities]
+            doc = "; ".join((c.__doc__ or "").strip().splitlines()[0] for c in alts if c.__doc__)
+            parts.append(f"{requirement_name(req)} ({doc}), which {', '.join(have) or 'no registered task'} "
+                         f"offer(s)")
+        raise RegistryError(f"method {method.name!r} cannot run on task {task.name!r}: it needs "
+                            + "; ".join(parts) + f". Run `bench list methods --task {task.name}` to see the "
+                            f"methods that run on it.")
 
 
 def create_task(name: str, **kwargs: Any):

@@ -24,7 +24,7 @@ from bench.provenance import config_hash, provenance
 from bench.result import (Compute, Control, Cost, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
                           ProfileInfo, Quality, Result, Secondary, Size, SizeOf, TaskInfo)
 from bench.store import DEFAULT_RESULTS, write_result
-from tasks.base import Evaluation, RunContext
+from bench.api import Evaluation, RunContext
 
 
 @dataclass

@@ -332,7 +332,32 @@ def markdown_tables(results_root: Path) -> str:
         parts.append("No results yet.")
     for (profile, task) in sorted(groups):
         parts.append(_table(profile, task, groups[(profile, task)], results_root))
+    parts.append(compatibility_matrix())
     return "\n\n".join(parts) + "\n"
+
+
+def compatibility_matrix() -> str:
+    """Which registered method runs on which registered task (its modality and the capabilities the task
+    declares, `bench.api`), from the registries: what `bench list methods --task T` answers, for every T."""
+    from bench.registry import FAMILIES, METHODS, TASKS, missing_capabilities, requirement_name, supports
+
+    tasks = sorted(TASKS, key=lambda t: (t.tier, t.modality, t.name))
+    methods = sorted(METHODS, key=lambda m: (FAMILIES.index(m.family), m.name))
+    head = "| method | " + " | ".join(f"`{t.name}`" for t in tasks) + " |"
+    rule = "| --- |" + " --- |" * len(tasks)
+
+    def cell(m, t) -> str:
+        if supports(m, t):
+            return "yes"
+        if t.modality in m.modalities:
+            return "needs " + ", ".join(requirement_name(r) for r in missing_capabilities(m, t))
+        return ""
+
+    rows = [f"| `{m.name}` | " + " | ".join(cell(m, t) for t in tasks) + " |" for m in methods]
+    intro = ("### What runs where\n\nFrom the registries (a method runs on a task of a modality it supports that "
+             "declares the capabilities it needs; `bench list methods --task T` lists them). Embedded tasks "
+             "first, then full ones: " + ", ".join(f"`{t.name}` ({t.tier})" for t in tasks) + ".")
+    return "\n".join([intro, "", head, rule, *rows])
 
 
 # --- the README block -------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from bench.api import Draft, Student, Tokenizer, TrainingRows
 from bench.registry import register_task
 from tasks import arith_data
 from tasks.base import ARTIFACTS, Evaluation, ReferenceWeights, RunContext, Subject, Task
@@ -60,7 +61,7 @@ SMOKE_WORKLOAD_SIZE = 2
 @register_task("arith", modality="causal-lm", tier="embedded", metric="exact_match", higher_is_better=True,
                version="1", summary="GSM8K-format arithmetic word problems; small Llama reference and draft, "
                                     "exact match through lm-eval")
-class Arith(Task):
+class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
     reference_sha256 = REFERENCE_SHA256
     draft_sha256 = DRAFT_SHA256
     recipe = RECIPE
@@ -115,6 +116,12 @@ class Arith(Task):
         from tasks import lm
 
         return lm.build_lm(REFERENCE_ARCH, self.tokenizer)
+
+    student_recipe = None  # an LM student trains under the distillation method's own schedule (LMDistillConfig)
+
+    def training_rows(self) -> list[dict]:
+        """The generated training problems (TrainingRows)."""
+        return self.train
 
     def build_student(self):
         """The draft's architecture, untrained: the student every distillation method trains."""

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from bench.api import Augmentation, EncoderData, Student, Tokenizer, TrainingSplit
 from bench.registry import register_task
 from tasks import arith_data, arith_nli_data
 from tasks.base import ARTIFACTS, Evaluation, ReferenceWeights, RunContext, Subject, Task
@@ -118,7 +119,7 @@ def pair_classifier_class():
 @register_task("arith-nli", modality="text-classification", tier="embedded", metric="accuracy",
                higher_is_better=True, version="2",
                summary="arith's word problems as GLUE-style pairs (is N the answer?); BERT-style encoders")
-class ArithNLI(Task):
+class ArithNLI(Task, TrainingSplit, Student, Augmentation, Tokenizer, EncoderData):
     reference_sha256 = REFERENCE_SHA256
     recipe = RECIPE
     student_recipe = STUDENT_RECIPE
@@ -170,6 +171,28 @@ class ArithNLI(Task):
 
     def augment(self, x: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
         return x  # no augmentation; here so training code written for the image tasks runs as is
+
+    def training_split(self) -> Split:
+        return self.train
+
+    def model_keys(self) -> tuple[str, ...]:
+        """The rows of the packed split: token ids and segment ids (its `PairClassifier.inputs` reads them)."""
+        return ("input_ids", "token_type_ids")
+
+    def encoder_batches(self, subject: Subject, n: int, seed: int, batch: int) -> list[dict]:
+        """`n` encoded training pairs (EncoderData), through the subject's own `model.inputs`."""
+        import torch
+
+        from bench.api import pick
+
+        device = next(subject.model.parameters()).device
+        idx = pick(len(self.train.y), n, seed)
+        out = []
+        for i in range(0, len(idx), batch):
+            sel = torch.tensor(idx[i:i + batch])
+            kw = subject.model.inputs(self.train.x[sel].to(device))
+            out.append({**kw, "labels": self.train.y[sel].to(device)})
+        return out
 
     def data_fingerprint(self) -> str:
         h = hashlib.sha256()

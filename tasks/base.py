@@ -8,78 +8,19 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+# The contract types live in bench.api; they are re-exported here for the task modules that import them from
+# tasks.base.
+from bench.api import Evaluation, ReferenceWeights, RunContext, Subject  # noqa: F401
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
-    from bench.profiles import Profile
-    from bench.progress import Reporter
     from bench.registry import TaskSpec
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-
-
-@dataclass
-class RunContext:
-    """Everything a task or method needs to know about the run it is part of."""
-
-    profile: "Profile"
-    seed: int
-    progress: "Reporter"
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 64
-    budget: str = "full"  # "full", or "smoke" for CI's tiny-budget runs (fewer steps, same code path)
-
-    @property
-    def torch_dtype(self) -> "torch.dtype":
-        import torch
-
-        return getattr(torch, self.dtype)
-
-
-@dataclass
-class Subject:
-    """A loaded model with its inference procedure; methods take one and return another."""
-
-    model: "torch.nn.Module"
-    kind: str  # the task's modality
-    extra: dict[str, Any] = field(default_factory=dict)  # procedure settings (steps, draft model, ...)
-
-
-@dataclass
-class Evaluation:
-    """Quality of one subject: the metric's value, per-example scores (for intervals) and raw outputs."""
-
-    value: float
-    per_example: "np.ndarray"  # one score per evaluation example; value == per_example.mean()
-    outputs: "np.ndarray"  # what fidelity compares (predicted labels, generated tokens, images)
-    # the task's secondary quality metrics, by name (e.g. digits-gen's class accuracy, coco's CLIP score):
-    # recorded beside the main metric for reference and method, without intervals
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"value": self.value, "per_example": self.per_example.tolist(), "outputs": self.outputs.tolist(),
-                "metrics": dict(self.metrics)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Evaluation":
-        import numpy as np
-
-        return cls(float(d["value"]), np.asarray(d["per_example"], dtype=np.float64), np.asarray(d["outputs"]),
-                   {k: float(v) for k, v in d.get("metrics", {}).items()})
-
-
-@dataclass
-class ReferenceWeights:
-    state: dict
-    sha256: str
-    canonical: bool  # the task's published artifact, bit for bit
-    source: str  # where it came from: artifact path, cache path
 
 
 class Task(ABC):

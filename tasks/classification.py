@@ -13,13 +13,12 @@ from abc import abstractmethod
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable
 
+from bench.api import SMOKE_STEPS, Augmentation, Student, TrainingSplit  # noqa: F401 - SMOKE_STEPS re-exported
 from tasks.base import Evaluation, RunContext, Subject, Task
 
 if TYPE_CHECKING:
     import torch
 
-
-SMOKE_STEPS = 20  # optimiser steps of any training under `--budget smoke`
 
 
 @dataclass(frozen=True, repr=False)
@@ -142,7 +141,7 @@ def predict(model: "torch.nn.Module", x: "torch.Tensor", batch_size: int) -> "to
         return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
-class ImageClassificationTask(Task):
+class ImageClassificationTask(Task, TrainingSplit, Student, Augmentation):
     """A classification task over in-memory tensors: subclasses load the splits and define the models."""
 
     train: Split
@@ -157,6 +156,9 @@ class ImageClassificationTask(Task):
 
     def augment(self, x: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
         return x
+
+    def training_split(self) -> Split:
+        return self.train
 
     def data_fingerprint(self) -> str:
         if getattr(self, "_fingerprint", None) is None:  # hashing a large training set takes seconds

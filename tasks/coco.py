@@ -229,12 +229,23 @@ class Coco(LatentDiffusionTask):
         return pretrained.model_source(CLIP_ENV, CLIP_ID)
 
     # ---- sampling -----------------------------------------------------------------------------------------
-    def sampling_extra(self, pipe, model, ctx: RunContext) -> dict:
-        return {"denoise": make_denoise(self.guidance_scale, encode_prompts(pipe, [""], ctx.device))}
+    def sampling_extra(self, pipe, model, ctx: RunContext, guidance_scale: float | None = None) -> dict:
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        return {"denoise": make_denoise(w, encode_prompts(pipe, [""], ctx.device))}
 
     def conditioning(self, subject: Subject, indices: list[int], ctx: RunContext) -> Callable[[], "torch.Tensor"]:
         prompts, pipe = [self.items[i][2] for i in indices], self._pipe
         return lambda: encode_prompts(pipe, prompts, ctx.device)
+
+    def training_conditions(self, subject: Subject, n: int, ctx: RunContext) -> "torch.Tensor":
+        """Captions of images outside the evaluation subset, cycled (Pipeline): what a method that distils on
+        the task's prompts trains on, never the evaluation's."""
+        chosen = {image_id for image_id, _, _ in self.items}
+        folder, split = data_folder()
+        captions = [caps[0] for image_id, _, caps in read_captions(folder, split) if image_id not in chosen]
+        if not captions:
+            raise ValueError("coco has no captions outside the evaluation subset to train on")
+        return encode_prompts(self.pipeline(ctx), [captions[i % len(captions)] for i in range(n)], ctx.device)
 
     # ---- CLIP score ---------------------------------------------------------------------------------------
     def begin_metrics(self, ctx: RunContext) -> None:

@@ -38,6 +38,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
+from bench.api import TrainingSplit
 from bench.registry import register_task
 from tasks.base import ARTIFACTS, Evaluation, RunContext, Subject, Task
 from tasks.diffusion import DIT, SCHEDULE, UNET, DiffusionRecipe
@@ -53,7 +54,7 @@ EVAL_BATCH = 100  # images per sampling call in evaluation (not timed)
 WORKLOAD_SEED = 10_000  # the timed batch's noise: seed + WORKLOAD_SEED, disjoint from the evaluation's
 
 
-class DigitsGenTask(Task):
+class DigitsGenTask(Task, TrainingSplit):
     backbone: ClassVar[str]
     recipe: ClassVar[DiffusionRecipe]
     arch: ClassVar[dict]
@@ -70,6 +71,10 @@ class DigitsGenTask(Task):
 
         self.train, self.test = load_digits16()
         self._loaded = True
+
+    def training_split(self):
+        """The digits at 16x16 in [-1, 1] with their labels (TrainingSplit)."""
+        return self.train
 
     def data_fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -49,9 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
+from bench.api import Augmentation, EncoderData, Student, Tokenizer, TrainingSplit
 from bench.registry import register_task
 from tasks import pretrained
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
+from tasks.classification import TrainRecipe
 from tasks.pretrained import Pretrained
 
 if TYPE_CHECKING:
@@ -178,7 +180,7 @@ def reorder_head(model, order: tuple[str, ...], labels: tuple[str, ...]) -> None
     model.config.label2id = {name: i for i, name in enumerate(labels)}
 
 
-class GlueTask(Pretrained, Task):
+class GlueTask(Pretrained, Task, TrainingSplit, Student, Augmentation, Tokenizer, EncoderData):
     glue: ClassVar[GlueSpec]
     reference_sha256 = None  # no pinned artifact: the hash of the weights as loaded is recorded
 
@@ -227,6 +229,53 @@ class GlueTask(Pretrained, Task):
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification.from_config(self.reference_config())
+
+    # how a student is trained here: BERT's GLUE fine-tuning (Devlin et al. 2019)
+    student_recipe = TrainRecipe(epochs=3, lr=5e-5, batch_size=32)
+
+    def augment(self, x: "torch.Tensor", gen: "torch.Generator") -> "torch.Tensor":
+        return x  # no augmentation, as for arith-nli
+
+    def model_keys(self) -> tuple[str, ...]:
+        """The tokenizer outputs the reference's forward reads, in the order a packed split stacks them."""
+        names = self.tokenizer.model_input_names
+        return tuple(k for k in ("input_ids", "token_type_ids", "attention_mask") if k in names)
+
+    def training_split(self) -> "Split":
+        """The train split (the hub's, or `<BENCH_GLUE_DATA>/<config>/train-*.parquet`), tokenized as the
+        evaluation split is and packed as x[:, k] = the k-th of `model_keys()` (TrainingSplit)."""
+        import dataclasses
+
+        import torch
+
+        from tasks.classification import Split
+
+        ds = load_split(dataclasses.replace(self.glue, split="train"))
+        enc = self.tokenizer(*[list(ds[c]) for c in self.glue.text], truncation=True, max_length=MAX_LENGTH,
+                             padding=True, return_tensors="pt")
+        x = torch.stack([enc[k] for k in self.model_keys()], dim=1)
+        return Split(x, torch.tensor(list(ds["label"]), dtype=torch.int64))
+
+    def encoder_batches(self, subject: Subject, n: int, seed: int, batch: int) -> list[dict]:
+        """`n` training examples (EncoderData), tokenized as the evaluation split is."""
+        import dataclasses
+
+        import torch
+
+        from bench.api import pick
+
+        device = next(subject.model.parameters()).device
+        ds = load_split(dataclasses.replace(self.glue, split="train"))
+        idx = pick(len(ds), n, seed)
+        rows = ds.select(idx)
+        tok = subject.extra["tokenizer"]
+        out = []
+        for i in range(0, len(idx), batch):
+            cols = [list(rows[c][i:i + batch]) for c in self.glue.text]
+            enc = tok(*cols, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+            kw = {k: v.to(device) for k, v in enc.items()}
+            out.append({**kw, "labels": torch.tensor(rows["label"][i:i + batch]).to(device)})
+        return out
 
     def build_student(self):
         """The reference's architecture with half its layers (6 for BERT-base), untrained, seeded."""

@@ -54,6 +54,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from bench.api import Draft, Student, Tokenizer, TrainingRows
 from bench.registry import register_task
 from tasks import pretrained
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
@@ -144,7 +145,7 @@ def greedy(model, tok) -> None:
 @register_task("gsm8k", modality="causal-lm", tier="full", metric="exact_match", higher_is_better=True,
                version="1", summary="GSM8K via lm-eval's own gsm8k task (5-shot, strict match); "
                                     "Qwen2.5-1.5B-Instruct reference, Qwen2.5-0.5B-Instruct draft")
-class GSM8K(Pretrained, Task):
+class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
     reference_sha256 = None  # no pinned artifact: the hash of the weights as loaded is recorded
 
     def __init__(self) -> None:
@@ -185,6 +186,24 @@ class GSM8K(Pretrained, Task):
 
     def draft_source(self) -> pretrained.ModelSource:
         return pretrained.model_source(DRAFT_ENV, DRAFT_ID)
+
+    student_recipe = None  # an LM student trains under the distillation method's own schedule (LMDistillConfig)
+
+    def training_rows(self) -> list[dict]:
+        """lm-eval's own train split of its gsm8k task, as {"question", "answer"} rows (TrainingRows)."""
+        return [{"question": r["question"], "answer": r["answer"]}
+                for r in build_lm_eval_task(self.config).dataset["train"]]
+
+    def build_student(self):
+        """The draft's architecture, untrained (Student): what an LM student trained from scratch starts as."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        import torch
+
+        src = self.draft_source()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src.path, revision=src.revision))
 
     def build_reference(self):
         from transformers import AutoConfig, AutoModelForCausalLM

@@ -145,9 +145,9 @@ class ImagenetFid(LatentDiffusionTask):
         return path
 
     # ---- sampling -----------------------------------------------------------------------------------------
-    def sampling_extra(self, pipe, model, ctx: RunContext) -> dict:
-        cfg = model.config
-        return {"denoise": make_denoise(self.guidance_scale, int(cfg.num_embeds_ada_norm), int(cfg.in_channels))}
+    def sampling_extra(self, pipe, model, ctx: RunContext, guidance_scale: float | None = None) -> dict:
+        cfg, w = model.config, self.guidance_scale if guidance_scale is None else guidance_scale
+        return {"denoise": make_denoise(w, int(cfg.num_embeds_ada_norm), int(cfg.in_channels))}
 
     def conditioning(self, subject: Subject, indices: list[int], ctx: RunContext) -> Callable[[], "torch.Tensor"]:
         import torch

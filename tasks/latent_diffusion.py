@@ -39,6 +39,7 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
+from bench.api import Pipeline
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def load_images(path: str) -> "torch.Tensor":
     return hit[0]["images"]
 
 
-class LatentDiffusionTask(Task):
+class LatentDiffusionTask(Task, Pipeline):
     """A full task on a diffusers latent-diffusion pipeline (see the module docstring). Subclasses load their
     data and reference statistics in `load` (setting `n`, `reference_stats`, `data_digest`) and define the
     conditioning and the sampling extras."""
@@ -255,8 +256,9 @@ class LatentDiffusionTask(Task):
 
     # ---- what a subclass defines ----------------------------------------------------------------------------
     @abstractmethod
-    def sampling_extra(self, pipe, model, ctx: RunContext) -> dict:
-        """`denoise` (with its guidance) and whatever else the subject needs beyond the common keys."""
+    def sampling_extra(self, pipe, model, ctx: RunContext, guidance_scale: float | None = None) -> dict:
+        """`denoise` (with its guidance: the task's scale, or `guidance_scale`) and whatever else the subject
+        needs beyond the common keys."""
 
     @abstractmethod
     def conditioning(self, subject: Subject, indices: list[int], ctx: RunContext) -> Callable[[], "torch.Tensor"]:
@@ -272,6 +274,13 @@ class LatentDiffusionTask(Task):
         return {}
 
     # ---- measurement --------------------------------------------------------------------------------------
+    TRAIN_CONDITION_OFFSET = 1_000_000  # training conditions come from indices past any evaluation's
+
+    def training_conditions(self, subject: Subject, n: int, ctx: RunContext) -> "torch.Tensor":
+        """The conditioning of indices past any evaluation's (Pipeline); coco uses captions instead."""
+        idx = list(range(self.TRAIN_CONDITION_OFFSET, self.TRAIN_CONDITION_OFFSET + n))
+        return self.conditioning(subject, idx, ctx)()
+
     def noise(self, subject: Subject, indices, seed: int, ctx: RunContext) -> "torch.Tensor":
         from tasks.fid_stats import per_image_noise
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
+from bench.api import SMOKE_STEPS  # noqa: F401 - re-exported: the one cap of every training under smoke
 from tasks.base import RunContext, Subject
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 EOS = "<|endoftext|>"
 PAD = "<pad>"
 PROMPT = "Question: {question}\nAnswer:"
-SMOKE_STEPS = 20  # optimiser steps of any training under `--budget smoke`, as for the image tasks
 
 
 @functools.lru_cache(maxsize=None)

@@ -85,16 +85,10 @@ def load_tokenizer(source: ModelSource, what: str):
 
 
 def state_sha256(state: dict[str, "torch.Tensor"]) -> str:
-    """sha256 over the sorted names, dtypes, shapes and raw bytes of the tensors (tied tensors count once per
-    name). Independent of file format and sharding: the hash of the weights as loaded."""
-    import torch
+    """`bench.cache.state_sha256`: the one hash of weights, shared with the methods' cache keys."""
+    from bench import cache
 
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    return cache.state_sha256(state)
 
 
 def source_of(model, source: ModelSource) -> str:

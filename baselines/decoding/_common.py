@@ -16,14 +16,11 @@ if TYPE_CHECKING:
 
 
 def draft_subject(task: "Task", ctx: "RunContext", method: str) -> "Subject":
-    """The task's draft model (same tokenizer as the reference), or a clear error naming the tasks that have one."""
-    if not hasattr(task, "draft_subject"):
-        from bench.registry import TASKS
+    """The task's draft model (same tokenizer as the reference); a task without one is refused by the registry
+    before any work starts (the method requires `bench.api.Draft`), and by `require` here for direct callers."""
+    from bench.api import Draft, require
 
-        have = [s.name for s in TASKS if s.modality == "causal-lm" and hasattr(s.cls, "draft_subject")]
-        raise ValueError(f"method {method!r} needs a draft model, and task {task.spec.name!r} provides none "
-                         f"(no `draft_subject`); tasks that do: {', '.join(have) or 'none registered'}")
-    return task.draft_subject(ctx)
+    return require(task, Draft).draft_subject(ctx)
 
 
 def check_same_vocabulary(target, draft, method: str) -> None:

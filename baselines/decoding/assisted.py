@@ -22,6 +22,7 @@ from typing import Literal
 
 from baselines.base import Applied, Cost, Method
 from bench.config import ConfigError, check_range
+from bench.api import Draft
 from bench.registry import register_method
 
 
@@ -61,6 +62,7 @@ class CallCounts:
 @register_method("assisted", family="decoding", paper="Gante, Assisted Generation: a new direction toward "
                  "low-latency text generation (Hugging Face)", year=2023,
                  url="https://huggingface.co/blog/assisted-generation", modalities=("causal-lm",),
+                 requires=(Draft,),
                  summary="transformers' generate(assistant_model=draft): the library's speculative decoding, "
                          "greedy, with the task's draft")
 class Assisted(Method):

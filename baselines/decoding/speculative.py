@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Callable
 
 from baselines.base import Applied, Cost, Method
 from bench.config import check_range
+from bench.api import Draft
 from bench.registry import register_method
 from tasks.lm import cache_kwargs
 
@@ -218,6 +219,7 @@ class SpeculativeDecoder:
 @register_method("speculative", family="decoding", paper="Leviathan et al., Fast Inference from Transformers via "
                  "Speculative Decoding", year=2023, url="https://arxiv.org/abs/2211.17192",
                  modalities=("causal-lm",),
+                 requires=(Draft,),
                  summary="a small draft proposes k tokens, the target verifies them in one pass; exact rejection "
                          "sampling keeps the target's output distribution")
 class Speculative(Method):

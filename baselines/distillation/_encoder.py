@@ -1,12 +1,11 @@
 """Shared machinery of the encoder distillation methods (`distilbert`, `tinybert`) on `arith-nli` and `glue-*`.
 
-Data and loop. Both tasks' training splits become one `tasks.classification.Split` of packed integer batches
-`x = [N, k, L]` (one row per model input), trained by the shared `tasks.classification.fit` (Adam, cosine,
-the smoke budget's cap): `arith-nli`'s own encoded training pairs (`task.train`, (token ids, segment ids),
-read by its `PairClassifier.inputs`), and `glue-*`'s training split (the hub's `train`, or
-`<BENCH_GLUE_DATA>/<config>/train-*.parquet`) tokenized as the task tokenizes its evaluation split and read
-by `Packed`, a module with the same interface around a Hugging Face classifier. The recipe is the task's
-`student_recipe` (arith-nli), else `GLUE_RECIPE`.
+Data and loop. The task's training split (`bench.api.TrainingSplit`) is one `tasks.classification.Split` of
+packed integer batches `x = [N, k, L]` (one row per model input), trained by the shared
+`tasks.classification.fit` (Adam, cosine, the smoke budget's cap): arith-nli's own encoded pairs (token ids,
+segment ids, read by its `PairClassifier.inputs`), glue's train split tokenized as its evaluation split and
+read by `Packed`, a module with the same interface around a Hugging Face classifier. The recipe is the task's
+`student_recipe` (`bench.api.Student`; glue's is BERT's GLUE fine-tuning).
 
 Internals. `Recorder` hooks a BERT (`model.base_model.embeddings`, `.encoder.layer`) and keeps, for the last
 forward pass, the embedding output, each layer's output and each layer's unnormalised attention scores
@@ -23,10 +22,10 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from baselines.base import ControlResult
+from bench.api import Student, TrainingSplit, require
 from tasks.classification import TrainRecipe
 
 if TYPE_CHECKING:
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from tasks.base import RunContext, Task
     from tasks.classification import Split
 
-GLUE_RECIPE = TrainRecipe(epochs=3, lr=5e-5, batch_size=32)  # BERT's GLUE fine-tuning (Devlin et al. 2019)
 
 
 @functools.cache
@@ -58,14 +56,10 @@ def packed_class():
     return Packed
 
 
-def glue_keys(task: "Task") -> tuple[str, ...]:
-    names = task.tokenizer.model_input_names
-    return tuple(k for k in ("input_ids", "token_type_ids", "attention_mask") if k in names)
-
-
 def packed(model, task: "Task"):
-    """The model with `.hf` and `.inputs(x)`: arith-nli's own wrapper, or a glue model wrapped."""
-    return model if hasattr(model, "inputs") else packed_class()(model, glue_keys(task))
+    """The model with `.hf` and `.inputs(x)`: the task's own wrapper (arith-nli's), or a Hugging Face model
+    wrapped to read the task's packed training split (glue's: `model_keys()` stacked)."""
+    return model if hasattr(model, "inputs") else packed_class()(model, task.model_keys())
 
 
 def unpacked(model, task: "Task"):
@@ -74,26 +68,11 @@ def unpacked(model, task: "Task"):
 
 
 def training_data(task: "Task") -> "Split":
-    import torch
-
-    from tasks.classification import Split
-
-    if hasattr(task, "glue"):
-        from tasks import glue
-
-        ds = glue.load_split(replace(task.glue, split="train"))
-        enc = task.tokenizer(*[list(ds[c]) for c in task.glue.text], truncation=True, max_length=glue.MAX_LENGTH,
-                             padding=True, return_tensors="pt")
-        x = torch.stack([enc[k] for k in glue_keys(task)], dim=1)
-        return Split(x, torch.tensor(list(ds["label"]), dtype=torch.int64))
-    if isinstance(getattr(task, "train", None), Split):
-        return task.train
-    raise ValueError(f"no training split for encoder distillation on task {task.spec.name!r}: supported are "
-                     f"arith-nli, glue-sst2, glue-mnli")
+    return require(task, TrainingSplit).training_split()
 
 
 def recipe_of(task: "Task") -> TrainRecipe:
-    return getattr(task, "student_recipe", None) or GLUE_RECIPE
+    return require(task, Student).student_recipe
 
 
 def frozen(model, ctx: "RunContext"):
@@ -185,7 +164,7 @@ def control(task: "Task", ctx: "RunContext", student, data: "Split", recipe: Tra
     config = getattr(student, "hf", student).config
     k = cache.key(task.spec.version, task.data_fingerprint(), config.to_json_string(use_diff=False), recipe,
                   ctx.seed, ctx.budget, ctx.device)
-    folder = cache.cache_dir() / "tasks" / task.spec.name / f"v{task.spec.version}" / "controls"
+    folder = cache.task_dir(task) / "controls"
     path = folder / f"encoder-student-{k}.safetensors"
     seconds = {"value": None}
 

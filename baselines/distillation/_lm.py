@@ -7,8 +7,7 @@ Qwen2.5-0.5B-Instruct), from one of two starting points (`init`):
     on the data, and reasoning models are distilled into pretrained students the same way; it also lets a
     few-minute CPU budget measure something (a fresh 0.47M Llama needs ~3,000 steps to reach arith's 44%).
     The draft's own training is not counted in the method's cost (its description says so).
-  - "scratch": a fresh, seeded init of the same architecture (`task.build_student()`; for a task without one,
-    the draft's config with fresh weights).
+  - "scratch": a fresh, seeded init of the same architecture (the task's `Student.build_student()`).
 
 The data. The task's training split as (prompt, ground-truth answer) pairs in the tasks' format
 (`Question: ...\\nAnswer:` + " " + answer + EOS, loss on the answer): `arith`'s generated problems (its drill
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from baselines.base import ControlResult
+from bench.api import Budget, Draft, Student, TrainingRows, require
 from bench.config import check_range
 
 if TYPE_CHECKING:
@@ -68,24 +68,14 @@ class LMDistillConfig:
                         batch_size=self.batch_size, warmup_steps=self.warmup_steps)
 
     def effective_steps(self, ctx: "RunContext") -> int:
-        from tasks.lm import SMOKE_STEPS
-
-        return self.steps if ctx.budget == "full" else min(self.steps, SMOKE_STEPS)
+        return Budget(ctx.budget).steps(self.steps)
 
 
 # ---- data --------------------------------------------------------------------------------------------------
 
 def training_rows(task: "Task") -> list[dict]:
     """The task's training problems as {"question", "answer"} rows (see the module docstring)."""
-    if isinstance(getattr(task, "train", None), list):  # arith: its generated problems
-        return task.train
-    if task.spec.name == "gsm8k":
-        from tasks.gsm8k import build_lm_eval_task
-
-        return [{"question": r["question"], "answer": r["answer"]}
-                for r in build_lm_eval_task(task.config).dataset["train"]]
-    raise ValueError(f"no training split for LM distillation on task {task.spec.name!r}: supported are arith "
-                     f"and gsm8k")
+    return require(task, TrainingRows).training_rows()
 
 
 def ground_truth_examples(task: "Task") -> "list[lm.Example]":
@@ -128,27 +118,19 @@ def frozen_teacher(subject: "Subject", ctx: "RunContext"):
 
 def initial_student(task: "Task", ctx: "RunContext", init: str):
     """The student at its starting point (see the module docstring), float32 on the run's device."""
-    import torch
-
     if init not in INITS:
         raise ValueError(f"init={init!r} is not one of {', '.join(INITS)}")
-    if not hasattr(task, "draft_subject"):
-        raise ValueError(f"task {task.spec.name!r} defines no student (draft) model for LM distillation")
-    if init == "scratch" and hasattr(task, "build_student"):
-        model = task.build_student()
+    if init == "scratch":
+        model = require(task, Student).build_student()
     else:
-        model = copy.deepcopy(task.draft_subject(ctx).model)
-        if init == "scratch":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = type(model)(model.config)
+        model = copy.deepcopy(require(task, Draft).draft_subject(ctx).model)
     return model.to(ctx.device).float()
 
 
 def state_digest(model) -> str:
-    from tasks.pretrained import state_sha256
+    from bench import cache
 
-    return state_sha256(model.state_dict())
+    return cache.weights_digest(model)
 
 
 def cost_note(init: str) -> str:
@@ -167,7 +149,7 @@ def control(task: "Task", ctx: "RunContext", cfg: LMDistillConfig, examples: "li
     start = initial_student(task, ctx, cfg.init)
     k = cache.key(task.spec.version, task.data_fingerprint(), cfg.init, state_digest(start), cfg.steps,
                   cfg.batch_size, cfg.lr, cfg.warmup_steps, ctx.seed, ctx.budget, ctx.device)
-    folder = cache.cache_dir() / "tasks" / task.spec.name / f"v{task.spec.version}" / "controls"
+    folder = cache.task_dir(task) / "controls"
     path = folder / f"lm-student-{k}.safetensors"
     seconds = {"value": None}
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from baselines.base import Applied, Cost, Method
 from bench.config import check_range
+from bench.api import EncoderData, Student, TrainingSplit
 from bench.registry import register_method
 
 
@@ -83,6 +84,7 @@ def distilbert_loss(z_s, z_t, y, h_s, h_t, mask, cfg: DistilBERTConfig):
 
 @register_method("distilbert", family="distillation", paper="Sanh et al., DistilBERT, a distilled version of BERT",
                  year=2019, url="https://arxiv.org/abs/1910.01108", modalities=("text-classification",),
+                 requires=(TrainingSplit, Student, EncoderData),
                  summary="half-depth student initialised from every other teacher layer; soft targets + "
                          "label CE + hidden-state cosine")
 class DistilBERT(Method):

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from baselines.base import Applied, Cost, Method
 from baselines.distillation._lm import LMDistillConfig
 from bench.config import check_range
+from bench.api import Draft, Tokenizer, TrainingRows
 from bench.registry import register_method
 
 
@@ -104,6 +105,7 @@ def _checkpointing_field(config_cls) -> str:
 @register_method("gkd", family="distillation", paper="Agarwal et al., On-Policy Distillation of Language Models: "
                  "Learning from Self-Generated Mistakes", year=2024, url="https://arxiv.org/abs/2306.13649",
                  modalities=("causal-lm",),
+                 requires=(TrainingRows, Draft, Tokenizer),
                  summary="generalised JSD between teacher and student on a lambda-mix of the student's own "
                          "samples and the data (TRL's GKDTrainer)")
 class GKD(Method):

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from baselines.base import Applied, ControlResult, Cost, Method
+from bench.api import Augmentation, Student, TrainingSplit
 from bench.config import check_range
 from bench.registry import register_method
 
@@ -51,14 +52,14 @@ def student_without_teacher(task, ctx):
     from bench import cache
     from tasks.classification import fit, seed_everything
 
-    path = (cache.cache_dir() / "tasks" / task.spec.name / f"v{task.spec.version}" / "controls" /
+    path = (cache.task_dir(task) / "controls" /
             f"student-{cache.key(task.student_recipe, ctx.seed, ctx.budget, ctx.device)}.safetensors")
     seconds = {"value": None}
 
     def build() -> dict:
         seed_everything(ctx.seed)
         model = task.build_student().to(ctx.device)
-        stats = fit(model, task.train, task.student_recipe, ctx, seed=ctx.seed,
+        stats = fit(model, task.training_split(), task.student_recipe, ctx, seed=ctx.seed,
                     description="Training the same student without the teacher (control, cached)",
                     augment=task.augment)
         seconds["value"] = stats.seconds
@@ -74,7 +75,8 @@ def student_without_teacher(task, ctx):
 
 @register_method("kd", family="distillation", paper="Hinton et al., Distilling the Knowledge in a Neural Network",
                  year=2015, url="https://arxiv.org/abs/1503.02531", modalities=("image-classification",),
-                 summary="train the task's student on the teacher's temperature-softened outputs")
+                 summary="train the task's student on the teacher's temperature-softened outputs",
+                 requires=(TrainingSplit, Student, Augmentation))
 class KnowledgeDistillation(Method):
     Config = KDConfig
 
@@ -97,7 +99,7 @@ class KnowledgeDistillation(Method):
 
         seed_everything(ctx.seed)
         student = task.build_student().to(ctx.device)
-        stats = fit(student, task.train, task.student_recipe, ctx, seed=ctx.seed,
+        stats = fit(student, task.training_split(), task.student_recipe, ctx, seed=ctx.seed,
                     description=f"Distilling the student (T={cfg.temperature}, alpha={cfg.alpha})",
                     loss_fn=loss_fn, augment=task.augment)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from baselines.base import Applied, Cost, Method
 from baselines.distillation._lm import LMDistillConfig
 from bench.config import check_range
+from bench.api import Draft, Tokenizer, TrainingRows
 from bench.registry import register_method
 
 
@@ -58,6 +59,7 @@ def kd_lm_loss(student_logits, teacher_logits, labels, temperature: float, alpha
 @register_method("kd-lm", family="distillation", year=2016, url="https://arxiv.org/abs/1606.07947",
                  paper="Hinton et al. 2015; Kim & Rush, Sequence-Level Knowledge Distillation (word-level KD)",
                  modalities=("causal-lm",),
+                 requires=(TrainingRows, Draft, Tokenizer),
                  summary="train the task's student LM on the teacher's token distributions over the "
                          "ground-truth answers, mixed with their cross-entropy")
 class KDLM(Method):

@@ -56,10 +56,12 @@ from typing import Literal
 
 from baselines.base import Applied, Cost, Method
 from bench.config import ConfigError, check_range
+from bench.api import Pipeline, TrainingSplit, offers, require
 from bench.registry import register_method
 
 LCM_LORA_SD15 = "latent-consistency/lcm-lora-sdv1-5"
-PUBLISHED = {"coco": LCM_LORA_SD15}  # tasks with published LCM weights for their reference
+# pipelines (by hub id) with published LCM weights: their reference is distilled already
+PUBLISHED = {"stable-diffusion-v1-5/stable-diffusion-v1-5": LCM_LORA_SD15}
 TRAIN_CONDITION_OFFSET = 1_000_000  # imagenet-fid: training samples' indices, disjoint from the evaluation's
 
 
@@ -145,13 +147,12 @@ def load_lcm_lora(unet, pipeline_cls, source: str):
                  "High-Resolution Images with Few-Step Inference", year=2023, url="https://arxiv.org/abs/2310.04378",
                  modalities=("image-generation",),
                  summary="consistency distillation of the reference (DDIM solver, skipping step, EMA target) "
-                         "sampled in 1-8 steps by LCMScheduler; the published LCM-LoRA on coco")
+                         "sampled in 1-8 steps by LCMScheduler; the published LCM-LoRA on coco",
+                 requires=((TrainingSplit, Pipeline),))
 class LatentConsistency(Method):
     Config = LCMConfig
 
     def apply(self, subject, task, ctx) -> Applied:
-        import copy
-
         from baselines.decoding._samplers import check_diffusion_subject, with_scheduler
         from baselines.distillation._lcm import seeded_lcm_scheduler
 
@@ -161,8 +162,7 @@ class LatentConsistency(Method):
         if not guided and cfg.guidance_scale != 1.0:
             raise ConfigError(f"guidance_scale={cfg.guidance_scale}: task {task.spec.name!r} has no classifier-free "
                               f"guidance (its reference is purely conditional); leave guidance_scale at 1")
-        name = task.spec.name
-        if cfg.published and name in PUBLISHED:
+        if cfg.published and offers(task, Pipeline) and task.reference_id in PUBLISHED:
             pipe = task.pipeline(ctx)
             with ctx.progress.step(f"Loading and fusing the LCM-LoRA ({cfg.lora})"):
                 model = load_lcm_lora(subject.model, type(pipe), cfg.lora)
@@ -172,9 +172,8 @@ class LatentConsistency(Method):
             original = 1000 // cfg.skip
         student = task.prepare(model, ctx)
         if guided:  # the consistency model samples with its own guidance (1: the conditional branch only)
-            plain = copy.copy(task)
-            plain.guidance_scale = cfg.guidance_scale
-            student.extra.update(plain.sampling_extra(task.pipeline(ctx), student.model, ctx))
+            student.extra.update(task.sampling_extra(task.pipeline(ctx), student.model, ctx,
+                                                     guidance_scale=cfg.guidance_scale))
         applied = with_scheduler(student, seeded_lcm_scheduler(), cfg.num_inference_steps, "lcm",
                                  original_inference_steps=original, timestep_scaling=10.0)
         applied.cost = cost
@@ -187,15 +186,14 @@ class LatentConsistency(Method):
 
         from bench import cache
         from tasks.classification import SMOKE_STEPS
-        from tasks.pretrained import state_sha256
 
         cfg = self.config
         steps = cfg.steps if ctx.budget == "full" else SMOKE_STEPS
         train_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()
                      if k not in ("num_inference_steps", "guidance_scale", "published", "lora")}
-        k = cache.key(task.spec.name, task.spec.version, state_sha256(subject.model.state_dict()), train_cfg, steps,
+        k = cache.key(task.spec.name, task.spec.version, cache.weights_digest(subject.model), train_cfg, steps,
                       ctx.seed, ctx.budget, ctx.device, ctx.dtype, "lcm-1")
-        path = cache.cache_dir() / "methods" / "lcm" / task.spec.name / f"student-{k}.safetensors"
+        path = cache.method_dir("lcm", task) / f"student-{k}.safetensors"
         record: dict = {}
 
         def build() -> dict:
@@ -227,11 +225,10 @@ class LatentConsistency(Method):
         guided = subject.extra.get("guidance_scale") is not None
         if guided:
             x0, cond, extra = self.teacher_latents(subject, task, ctx)
-            plain = copy.copy(task)
-            plain.guidance_scale = 1.0
-            student_denoise = plain.sampling_extra(task.pipeline(ctx), teacher, ctx)["denoise"]
+            student_denoise = task.sampling_extra(task.pipeline(ctx), teacher, ctx, guidance_scale=1.0)["denoise"]
         else:
-            x0, cond, extra = task.train.x.to(ctx.device, ctx.torch_dtype), task.train.y.to(ctx.device), ""
+            data = require(task, TrainingSplit).training_split()
+            x0, cond, extra = data.x.to(ctx.device, ctx.torch_dtype), data.y.to(ctx.device), ""
             student_denoise = denoise
 
         def as_model(model, x, c):  # the teacher keeps the profile's dtype; the student trains in float32
@@ -274,7 +271,7 @@ class LatentConsistency(Method):
         from tasks.diffusion import sample
 
         n = self.config.teacher_samples if ctx.budget == "full" else min(self.config.teacher_samples, 4)
-        conds = training_conditions(task, subject, n, ctx)
+        conds = require(task, Pipeline).training_conditions(subject, n, ctx)
         latent = dataclasses.replace(subject, extra={**subject.extra, "decode": None})
         xs = []
         with ctx.progress.step(f"Sampling {n} teacher latents for distillation", total=n) as advance:
@@ -283,20 +280,3 @@ class LatentConsistency(Method):
                 xs.append(sample(latent, task.noise(subject, idx, ctx.seed, ctx), conds[i:i + len(idx)]))
                 advance(len(idx))
         return torch.cat(xs), conds, f"; data-free: {n} x0 latents from the reference's own sampler"
-
-
-def training_conditions(task, subject, n: int, ctx):
-    """Conditioning of the full tasks' training samples, apart from the evaluation's: coco's captions of images
-    outside the evaluation subset (cycled), or the task's conditioning of indices past any evaluation's."""
-    if task.spec.name == "coco":
-        from tasks import coco
-
-        chosen = {image_id for image_id, _, _ in task.items}
-        folder, split = coco.data_folder()
-        captions = [caps[0] for image_id, _, caps in coco.read_captions(folder, split) if image_id not in chosen]
-        if not captions:
-            raise ValueError("lcm's training path on coco needs captions outside the evaluation subset; the split "
-                             "has none left")
-        return coco.encode_prompts(task.pipeline(ctx), [captions[i % len(captions)] for i in range(n)], ctx.device)
-    idx = list(range(TRAIN_CONDITION_OFFSET, TRAIN_CONDITION_OFFSET + n))
-    return task.conditioning(subject, idx, ctx)()

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from baselines.base import Applied, Cost, Method
 from baselines.distillation._lm import LMDistillConfig
 from bench.config import check_range
+from bench.api import Draft, Tokenizer, TrainingRows
 from bench.registry import register_method
 
 
@@ -87,6 +88,7 @@ def minillm_loss(student_logits, teacher_logits, tokens, mask, teacher_mix: floa
 
 @register_method("minillm", family="distillation", paper="Gu et al., MiniLLM: Knowledge Distillation of Large "
                  "Language Models", year=2024, url="https://arxiv.org/abs/2306.08543", modalities=("causal-lm",),
+                 requires=(TrainingRows, Draft, Tokenizer),
                  summary="reverse KL of the student from the teacher on the student's own (teacher-mixed) "
                          "samples, by policy gradient with single-step decomposition and length normalisation")
 class MiniLLM(Method):

@@ -49,6 +49,7 @@ from typing import Literal
 
 from baselines.base import Applied, ControlResult, Cost, Method
 from bench.config import ConfigError, check_range
+from bench.api import TrainingSplit, require
 from bench.registry import register_method
 
 ALGORITHM_VERSION = "1"  # part of the cache key: bump when the training changes
@@ -100,15 +101,11 @@ class ProgressiveConfig:
 
 
 def state_digest(model) -> str:
-    """sha256 of a model's parameters and buffers (names, shapes, dtypes, bytes): the teacher's identity."""
-    import hashlib
+    """The teacher's identity: `bench.cache.weights_digest` (before 2026-12 a hash of its own format, so a
+    progressive student cached by an earlier version is trained again, once, deterministically)."""
+    from bench import cache
 
-    h = hashlib.sha256()
-    for name, v in sorted(model.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return cache.weights_digest(model)
 
 
 def student_key(subject, task, cfg: ProgressiveConfig, ctx) -> str:
@@ -121,7 +118,7 @@ def student_key(subject, task, cfg: ProgressiveConfig, ctx) -> str:
 
     sched = {k: v for k, v in subject.extra["scheduler"].config.items() if not k.startswith("_")}
     return cache.key(ALGORITHM_VERSION, task.spec.name, state_digest(subject.model), sched,
-                     dataclasses.asdict(cfg), task.data_fingerprint() if hasattr(task, "data_fingerprint") else None,
+                     dataclasses.asdict(cfg), task.data_fingerprint(),
                      ctx.seed, ctx.budget, ctx.device)
 
 
@@ -184,6 +181,7 @@ def distill(subject, data_x, data_y, cfg: ProgressiveConfig, seed: int, smoke: b
 @register_method("progressive", family="distillation",
                  paper="Salimans & Ho, Progressive Distillation for Fast Sampling of Diffusion Models", year=2022,
                  url="https://arxiv.org/abs/2202.00512", modalities=("image-generation",),
+                 requires=(TrainingSplit,),
                  summary="student learns two teacher DDIM steps in one, in rounds halving the steps (32 -> 4)")
 class ProgressiveDistillation(Method):
     Config = ProgressiveConfig
@@ -199,12 +197,9 @@ class ProgressiveDistillation(Method):
 
         cfg = self.config
         check_diffusion_subject(subject, "progressive")
-        data = getattr(task, "train", None)
-        if data is None or not hasattr(data, "x"):
-            raise ValueError("progressive trains on the task's training images (task.train.x/.y, as the digits-gen "
-                             "tasks have); this task has none")
+        data = require(task, TrainingSplit, "progressive trains on the task's training images").training_split()
         key = student_key(subject, task, cfg, ctx)
-        path = cache.cache_dir() / "methods" / "progressive" / task.spec.name / f"student-{key}.safetensors"
+        path = cache.method_dir("progressive", task) / f"student-{key}.safetensors"
         built: dict = {}
 
         def build() -> dict:

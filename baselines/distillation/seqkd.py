@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from baselines.base import Applied, Cost, Method
 from baselines.distillation._lm import GEN_BATCH, LMDistillConfig
 from bench.config import check_range
+from bench.api import Draft, Tokenizer, TrainingRows
 from bench.registry import register_method
 
 
@@ -64,6 +65,7 @@ def teacher_solutions(subject, task, ctx, prompt_ids: list[list[int]], max_new_t
 
 @register_method("seqkd", family="distillation", paper="Kim & Rush, Sequence-Level Knowledge Distillation",
                  year=2016, url="https://arxiv.org/abs/1606.07947", modalities=("causal-lm",),
+                 requires=(TrainingRows, Draft, Tokenizer),
                  summary="fine-tune the task's student LM on the teacher's own greedy solutions")
 class SeqKD(Method):
     Config = SeqKDConfig
@@ -84,7 +86,7 @@ class SeqKD(Method):
                                  add_special_tokens=False)["input_ids"]
         key = cache.key(task.spec.version, task.data_fingerprint(), _lm.state_digest(subject.model), picked,
                         cfg.max_new_tokens, ctx.profile.name, ctx.budget)
-        path = cache.cache_dir() / "tasks" / task.spec.name / f"v{task.spec.version}" / f"seqkd-teacher-{key}.json"
+        path = cache.task_dir(task) / f"seqkd-teacher-{key}.json"
 
         def build() -> dict:
             t0 = time.perf_counter()

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from baselines.base import Applied, Cost, Method
 from bench.config import check_range
+from bench.api import EncoderData, Student, TrainingSplit, require
 from bench.registry import register_method
 
 
@@ -85,6 +86,7 @@ def prediction_loss(z_s, z_t, temperature: float):
 @register_method("tinybert", family="distillation", paper="Jiao et al., TinyBERT: Distilling BERT for Natural "
                  "Language Understanding", year=2020, url="https://arxiv.org/abs/1909.10351",
                  modalities=("text-classification",),
+                 requires=(TrainingSplit, Student, EncoderData),
                  summary="attention-score and hidden-state MSE through a learned projection, then "
                          "prediction-layer distillation, into the task's student")
 class TinyBERT(Method):
@@ -101,7 +103,7 @@ class TinyBERT(Method):
 
         cfg = self.config
         teacher = enc.frozen(enc.packed(subject.model, task), ctx)
-        student = enc.packed(task.build_student(), task).to(ctx.device)
+        student = enc.packed(require(task, Student).build_student(), task).to(ctx.device)
         data, recipe = enc.training_data(task), enc.recipe_of(task)
         d_s = enc.bert_parts(student)[0].word_embeddings.embedding_dim
         d_t = enc.bert_parts(teacher)[0].word_embeddings.embedding_dim

@@ -2,14 +2,12 @@
 transformer blocks, and the layer-by-layer pass that Wanda and SparseGPT prune in.
 
 Data (`calibration_batches`): `n` examples drawn without replacement, seeded by the run's seed, from the task's
-*training* split, through the task's existing accessors (no task hook is needed):
-  - causal LMs: the problem and its worked answer as the model was trained to read them,
-    `Question: <q>\\nAnswer: <answer><EOS>`: `arith` from `task.train` (its generated problems), `gsm8k`
-    from lm-eval's own train split of its task (`tasks.gsm8k.build_lm_eval_task(task.config)`);
-  - encoders: `arith-nli`'s encoded training pairs (`task.train.x`, through the subject's own
-    `model.inputs`), and `glue-*`'s training split read by `tasks.glue.load_split` (the hub's `train`, or
-    `<BENCH_GLUE_DATA>/<config>/train-*.parquet`) and tokenized as the task tokenizes its evaluation split.
-A task may instead define `calibration_rows(n, seed) -> list[str]` (texts for a causal LM).
+*training* split, through the capabilities the task declares (`bench.api`):
+  - causal LMs (`TrainingRows`): the problem and its worked answer as the model was trained to read them,
+    `Question: <q>\\nAnswer: <answer><EOS>` (arith's generated problems, gsm8k's lm-eval train split);
+  - encoders (`EncoderData`): the task's labelled training examples as model keyword arguments
+    (arith-nli's encoded pairs through the subject's own `model.inputs`, glue's train split tokenized as
+    its evaluation split is).
 Each batch is the Hugging Face model's keyword arguments, right-padded, with `attention_mask` marking the real
 tokens: statistics are taken over real tokens only. Labels (`labels`) come along for encoders, for
 gradient-based importance.
@@ -25,9 +23,10 @@ blocks are calibrated on what the already-pruned blocks produce, as in both pape
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
+
+from bench.api import EncoderData, TrainingRows, pick, require
 
 if TYPE_CHECKING:
     import torch
@@ -78,27 +77,11 @@ def all_block_linears(model) -> list["torch.nn.Linear"]:
 
 # ---- data ------------------------------------------------------------------------------------------------------
 
-def _pick(n_rows: int, n: int, seed: int) -> list[int]:
-    if n_rows == 0:
-        raise ValueError("the task's training split is empty: nothing to calibrate on")
-    return sorted(random.Random(seed).sample(range(n_rows), min(n, n_rows)))
-
-
 def _lm_texts(task: "Task", n: int, seed: int) -> list[str]:
     from tasks import lm
 
-    if hasattr(task, "calibration_rows"):
-        return list(task.calibration_rows(n, seed))
-    if isinstance(getattr(task, "train", None), list):  # arith: generated problems
-        rows = task.train
-    elif getattr(task, "spec", None) is not None and task.spec.name == "gsm8k":
-        from tasks.gsm8k import build_lm_eval_task
-
-        rows = list(build_lm_eval_task(task.config).dataset["train"])
-    else:
-        raise ValueError(f"no training split to calibrate on for task {task.spec.name!r}: supported are arith, "
-                         f"gsm8k, arith-nli, glue-sst2, glue-mnli, or a task with calibration_rows(n, seed)")
-    return [lm.prompt_of(rows[i]["question"]) + " " + rows[i]["answer"] for i in _pick(len(rows), n, seed)]
+    rows = require(task, TrainingRows).training_rows()
+    return [lm.prompt_of(rows[i]["question"]) + " " + rows[i]["answer"] for i in pick(len(rows), n, seed)]
 
 
 def calibration_batches(task: "Task", subject: "Subject", ctx: "RunContext", n: int,
@@ -127,28 +110,7 @@ def calibration_batches(task: "Task", subject: "Subject", ctx: "RunContext", n: 
         return out
     if subject.kind != "text-classification":
         raise ValueError(f"calibration supports causal-lm and text-classification tasks, not {subject.kind!r}")
-    if hasattr(subject.model, "inputs") and hasattr(task, "train"):  # arith-nli: packed (ids, segments) pairs
-        idx = _pick(len(task.train.y), n, seed)
-        for i in range(0, len(idx), batch):
-            sel = torch.tensor(idx[i:i + batch])
-            kw = subject.model.inputs(task.train.x[sel].to(device))
-            out.append({**kw, "labels": task.train.y[sel].to(device)})
-        return out
-    if hasattr(task, "glue"):
-        from tasks import glue
-
-        ds = glue.load_split(replace(task.glue, split="train"))
-        idx = _pick(len(ds), n, seed)
-        rows = ds.select(idx)
-        tok = subject.extra["tokenizer"]
-        for i in range(0, len(idx), batch):
-            cols = [list(rows[c][i:i + batch]) for c in task.glue.text]
-            enc = tok(*cols, truncation=True, max_length=glue.MAX_LENGTH, padding=True, return_tensors="pt")
-            kw = {k: v.to(device) for k, v in enc.items()}
-            out.append({**kw, "labels": torch.tensor(rows["label"][i:i + batch]).to(device)})
-        return out
-    raise ValueError(f"no training split to calibrate on for task {task.spec.name!r}: supported are arith, gsm8k, "
-                     f"arith-nli, glue-sst2, glue-mnli")
+    return require(task, EncoderData).encoder_batches(subject, n, seed, batch)
 
 
 def model_kwargs(batch: dict) -> dict:

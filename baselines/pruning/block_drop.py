@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from baselines.base import Applied, ControlResult, Cost, Method
 from bench.config import ConfigError, check_range
+from bench.api import TrainingSplit, require
 from bench.registry import register_method
 
 PRESETS = ("bk-sdm", "none")
@@ -253,13 +254,11 @@ def _call(model, z, t, y):
 
 
 def weights_digest(model) -> str:
-    import hashlib
+    """The reference's identity: `bench.cache.weights_digest` (before 2026-12 a hash of its own format, so a
+    student cached by an earlier version is recovered again, once, deterministically)."""
+    from bench import cache
 
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return cache.weights_digest(model)
 
 
 @register_method("block-drop", family="pruning", paper="Kim et al., BK-SDM: A Lightweight, Fast, and Cheap "
@@ -284,18 +283,16 @@ class BlockDrop(Method):
         untrained = None
         seconds, steps, losses, built = 0.0, 0, {}, True
         if names and cfg.steps > 0:
-            if not hasattr(task, "train"):
-                raise ValueError(f"block-drop recovers by training on the task's training split; "
-                                 f"{task.spec.name!r} has none here (use digits-gen or digits-gen-dit)")
+            require(task, TrainingSplit, "block-drop recovers by training on the task's training split")
             untrained = build_student(reference, names)
             k = cache.key(task.spec.name, task.spec.version, weights_digest(reference), names, cfg, ctx.seed,
                           ctx.budget, ctx.device)
-            path = cache.cache_dir() / "methods" / "block-drop" / task.spec.name / f"student-{k}.safetensors"
+            path = cache.method_dir("block-drop", task) / f"student-{k}.safetensors"
             info = {}
 
             def build() -> dict:
                 info["seconds"], info["steps"], info["losses"] = distill(
-                    student, reference, task.train, cfg, ctx, f"Recovering the student ({', '.join(names)} removed)")
+                    student, reference, task.training_split(), cfg, ctx, f"Recovering the student ({', '.join(names)} removed)")
                 return student.state_dict()
 
             state, _, built = cache.cached_weights(path, build)

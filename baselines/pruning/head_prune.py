@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from baselines.base import Applied, Cost, Method
 from bench.config import ConfigError, check_range
+from bench.api import EncoderData, TrainingRows
 from bench.registry import register_method
 
 
@@ -156,6 +157,7 @@ def prune_heads(model, remove: dict[int, list[int]]) -> None:
 
 @register_method("head-prune", family="pruning", paper="Michel et al., Are Sixteen Heads Really Better than One?",
                  year=2019, url="https://arxiv.org/abs/1905.10650", modalities=("text-classification",),
+                 requires={"causal-lm": (TrainingRows,), "text-classification": (EncoderData,)},
                  summary="remove the attention heads of lowest gradient-based importance, slicing Q/K/V rows and "
                          "output-projection columns")
 class HeadPrune(Method):

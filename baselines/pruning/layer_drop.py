@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from baselines.base import Applied, Cost, Method
 from bench.config import ConfigError, check_range
+from bench.api import EncoderData, TrainingRows
 from bench.registry import register_method
 
 
@@ -81,6 +82,10 @@ def drop_blocks(model, drop: list[int]) -> None:
 @register_method("layer-drop", family="pruning", paper="Men et al., ShortGPT: Layers in Large Language Models are "
                  "More Redundant Than You Expect", year=2024, url="https://arxiv.org/abs/2403.03853",
                  modalities=("causal-lm", "text-classification"),
+                 beyond_compute=("a removed block also takes its per-layer framework overhead (kernel launches, "
+                                 "Python dispatch) with it, which dominates a small model's decoding on the CPU "
+                                 "and which the MAC count does not see"),
+                 requires={"causal-lm": (TrainingRows,), "text-classification": (EncoderData,)},
                  summary="remove the blocks with the lowest block influence 1 - cos(input, output), measured on "
                          "training data")
 class LayerDrop(Method):

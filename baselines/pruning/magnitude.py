@@ -30,6 +30,7 @@ from typing import Literal
 
 from baselines.base import Applied, Cost, Method
 from bench.config import ConfigError, check_range
+from bench.api import Augmentation, Student, TrainingSplit, offered_by, offers
 from bench.registry import register_method
 
 
@@ -96,9 +97,12 @@ class MagnitudePruning(Method):
         cfg = self.config
         scope = cfg.scope if cfg.scope != "auto" else ("global" if subject.kind == "image-classification"
                                                        else "layer")
-        if cfg.finetune_epochs > 0 and not hasattr(task, "student_recipe"):
-            raise ConfigError(f"magnitude: finetune_epochs > 0 needs a task with a classification training split "
-                              f"(digits, cifar10, arith-nli); {task.spec.name!r} has none: use finetune_epochs=0")
+        if cfg.finetune_epochs > 0 and not (offers(task, TrainingSplit) and offers(task, Student)
+                                            and offers(task, Augmentation)):
+            have = ", ".join(offered_by(TrainingSplit, Student, Augmentation))
+            raise ConfigError(f"magnitude: finetune_epochs > 0 retrains on the task's classification training split "
+                              f"(TrainingSplit, Student's recipe, Augmentation), which task {task.spec.name!r} "
+                              f"does not offer (tasks that do: {have}): use finetune_epochs=0")
         t0 = time.perf_counter()
         model = copy.deepcopy(subject.model).float()
         if scope == "global":
@@ -119,7 +123,7 @@ class MagnitudePruning(Method):
         cost = Cost(time.perf_counter() - t0, 0, 0, f"one-shot: rank and mask the weights ({scope})")
         if cfg.finetune_epochs > 0:
             recipe = TrainRecipe(cfg.finetune_epochs, cfg.finetune_lr, task.student_recipe.batch_size)
-            stats = fit(model.to(ctx.device), task.train, recipe, ctx, seed=ctx.seed,
+            stats = fit(model.to(ctx.device), task.training_split(), recipe, ctx, seed=ctx.seed,
                         description=f"Fine-tuning at {cfg.sparsity:.0%} sparsity (mask fixed)",
                         after_step=apply_masks, augment=task.augment)
             cost = Cost(cost.seconds + stats.seconds, stats.steps, stats.samples_seen,

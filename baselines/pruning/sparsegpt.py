@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from baselines.base import Applied, Method
 from baselines.pruning import _sparse
 from bench.config import check_range
+from bench.api import EncoderData, TrainingRows
 from bench.registry import register_method
 
 
@@ -124,6 +125,7 @@ def prune_model(model, batches, sparsity: float, structure: str, block_size: int
 @register_method("sparsegpt", family="pruning", paper="Frantar and Alistarh, SparseGPT: Massive Language Models "
                  "Can Be Accurately Pruned in One-Shot", year=2023, url="https://arxiv.org/abs/2301.00774",
                  modalities=("causal-lm", "text-classification"),
+                 requires={"causal-lm": (TrainingRows,), "text-classification": (EncoderData,)},
                  summary="one-shot unstructured or N:M pruning with OBS weight updates from the calibration "
                          "Hessian 2XX^T, in column blocks")
 class SparseGPT(Method):

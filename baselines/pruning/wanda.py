@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from baselines.base import Applied, Method
 from baselines.pruning import _sparse
 from bench.config import check_range
+from bench.api import EncoderData, TrainingRows
 from bench.registry import register_method
 
 LM_MODALITIES = ("causal-lm", "text-classification")
@@ -87,6 +88,7 @@ def prune_model(model, batches, sparsity: float, structure: str) -> list:
 @register_method("wanda", family="pruning", paper="Sun et al., A Simple and Effective Pruning Approach for Large "
                  "Language Models (Wanda)", year=2024, url="https://arxiv.org/abs/2306.11695",
                  modalities=LM_MODALITIES,
+                 requires={"causal-lm": (TrainingRows,), "text-classification": (EncoderData,)},
                  summary="zero the weights with the lowest |W| * ||X||_2 per output row (or N:M), calibrated on "
                          "training data; no weight update")
 class Wanda(Method):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.api import Draft
+
 from tasks.base import Subject
 
 
@@ -35,7 +37,7 @@ def perturbed(model, scale: float, seed: int = 1):
 
 
 @dataclass
-class DraftTask:
+class DraftTask(Draft):
     """Stands in for a causal-LM task with a draft (what `Method.apply` reads from a task)."""
 
     draft: torch.nn.Module

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.api import Draft, Student, Tokenizer, TrainingRows
+
 sys.path.insert(0, str(Path(__file__).parents[2] / "tasks"))  # the task tests' fixture rows and writers
 
 import test_gsm8k as gsm8k_fixtures  # noqa: E402
@@ -38,11 +40,15 @@ class _Spec:
     name, version, modality = "tiny-lm", "1", "causal-lm"
 
 
-class TinyLMTask:
+class TinyLMTask(TrainingRows, Draft, Student, Tokenizer):
     """A stand-in causal-LM task: fixture problems, a tiny teacher and draft; evaluation is per-problem
     exact match of the greedy answer's first 8 tokens against the ground truth (cheap, deterministic)."""
 
     spec = _Spec()
+    student_recipe = None
+
+    def training_rows(self) -> list[dict]:
+        return self.train
 
     def __init__(self, rows=None):
         self.tokenizer = tokenizer()

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.api import TrainingSplit
+
 from baselines.pruning import block_drop as bd
 from bench.config import ConfigError
 from bench.registry import create_method
@@ -20,8 +22,11 @@ from bench.registry import create_method
 STEPS = 3
 
 
-class StubTask:
+class StubTask(TrainingSplit):
     """What block-drop uses of a digits-gen task: its training split, prepare and evaluate (counted)."""
+
+    def training_split(self):
+        return self.train
 
     def __init__(self, backbone: str):
         from tasks.classification import Split
