@@ -22,7 +22,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.reproduce import ReproduceRefused, read_record
+from bench.reproduce import ReproduceRefused, read_record, version_differences
 from bench.result import Remeasured, Result
 from bench.store import atomic_write_text
 
@@ -32,18 +32,8 @@ class RemeasureRefused(ReproduceRefused):
 
 
 def _version_blockers(record: Result) -> list[str]:
-    from bench import __version__
-    from bench.registry import get_method_spec, get_task_spec
-
-    out = []
-    if record.provenance.bench_version != __version__:
-        out.append(f"bench version: record {record.provenance.bench_version}, here {__version__}")
-    t, m = get_task_spec(record.task.name), get_method_spec(record.method.name)
-    if record.task.version != t.version:
-        out.append(f"task {t.name} version: record {record.task.version}, here {t.version}")
-    if record.method.version != m.version:
-        out.append(f"method {m.name} version: record {record.method.version}, here {m.version}")
-    return out
+    """The version differences that change what is measured (bench, task, method); packages may differ."""
+    return [d for d in version_differences(record) if not d.startswith("package ")]
 
 
 def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | None = None,
