@@ -59,11 +59,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def portable_command(argv: list[str]) -> list[str]:
+    """The command as anyone can rerun it: `bench` for the entry point, and without `--results-dir` (where a
+    record is written is no part of what it measures, and an absolute folder is the contributor's own)."""
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--results-dir":
+            skip = True
+            continue
+        if a.startswith("--results-dir="):
+            continue
+        out.append("bench" if i == 0 and a.endswith(("bench", "__main__.py")) else a)
+    return out
+
+
 def provenance(cfg_hash: str, argv: list[str] | None = None) -> Provenance:
     sha, dirty = git_state()
-    argv = list(sys.argv if argv is None else argv)
-    if argv and argv[0].endswith(("bench", "__main__.py")):
-        argv[0] = "bench"
+    argv = portable_command(list(sys.argv if argv is None else argv))
     return Provenance(
         bench_version=__version__,
         git_sha=sha,

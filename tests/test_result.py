@@ -76,3 +76,12 @@ def test_file_in_wrong_place_is_reported(kd_digits_run, tmp_path):
     with pytest.raises(InvalidResult, match="its fields place it at"):
         load_result(wrong, results_root=tmp_path)
     assert load_result(write_result(r, tmp_path), results_root=tmp_path) == r
+
+
+def test_the_recorded_command_leaves_out_the_results_folder():
+    from bench.provenance import portable_command
+
+    assert portable_command(["/usr/bin/bench", "run", "--method", "kd", "--results-dir", "/tmp/x", "--task",
+                             "digits"]) == ["bench", "run", "--method", "kd", "--task", "digits"]
+    assert portable_command(["bench", "run", "--results-dir=/home/me/r", "--seed", "1"]) == \
+        ["bench", "run", "--seed", "1"]
