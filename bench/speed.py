@@ -95,22 +95,36 @@ class RunSpec:
     rules: dict[str, Any] = field(default_factory=dict)
 
 
-def time_in_workers(spec: RunSpec, rules, processes: int, progress) -> "SpeedMeasurement":
+def time_in_workers(spec: RunSpec, rules, processes: int, progress, max_processes: int | None = None
+                    ) -> "SpeedMeasurement":
+    """Time in at least `processes` fresh workers, one after another, and pool them (`bench.timing.pool`).
+    Between-process spread is part of the pooled interval, so a few processes may not reach the target that
+    each one's pairs would: workers are then added, one at a time, until the pooled interval is within the
+    target, the attempt's time cap is spent, or `max_processes` (default 3 x processes) have run."""
     from bench.timing import measure, pool, split_rules
 
     part = split_rules(rules, processes)
+    cap = max_processes or 3 * processes
 
     def once(attempt: int):
-        timings = []
-        for k in range(processes):
-            with progress.step(f"Timing in worker process {k + 1} of {processes}"
-                               + (f" (attempt {attempt + 1})" if attempt else "")):
-                timings.append(_worker_timing(RunSpec(**{**asdict(spec), "rules": asdict(part)})))
-        return pool(timings)
+        timings: list = []
+        spent = 0.0
+        while True:
+            k = len(timings) + 1
+            label = f"Timing in worker process {k} of {processes}" if k <= processes else \
+                f"Timing in worker process {k} (the pooled interval is not yet within the target)"
+            with progress.step(label + (f" (attempt {attempt + 1})" if attempt else "")):
+                t = _worker_timing(RunSpec(**{**asdict(spec), "rules": asdict(part)}))
+            timings.append(t)
+            spent += float(t.reference_s.sum() + t.method_s.sum())
+            if len(timings) >= processes:
+                pooled = pool(timings)
+                if pooled.precision <= rules.precision or spent >= rules.max_time_s or len(timings) >= cap:
+                    return pooled
 
     m = measure(once, rules, on_retry=lambda a, r: progress.log(f"timing was unreliable ({'; '.join(r)}); "
                                                                  f"waiting for a quiet machine to try again"))
-    m.processes = processes
+    m.processes = int(m.timing.groups.max()) + 1 if m.timing.groups is not None else 1
     return m
 
 

@@ -17,6 +17,8 @@ Rules (after pyperf and asv):
   to `attempts` times; the first `ok` attempt is kept, else the least contended one, marked unreliable.
 - Several worker processes (`pool`) pool their pairs; the interval is then a two-stage bootstrap (processes,
   then pairs within each), so it covers the between-process variation that one process's pairs cannot see.
+  Stability is then judged within each process (`bench.speed.time_in_workers` adds processes until the pooled
+  interval meets the target).
 On a GPU every timed region is bracketed by `torch.cuda.synchronize()`, so queued kernels are counted.
 """
 
@@ -166,12 +168,19 @@ def verdict(t: PairedTiming, rules: TimingRules) -> tuple[str, list[str]]:
     if t.precision > rules.precision:
         reasons.append(f"imprecise: the 95% interval is +-{t.precision:.1%} of the speedup after {t.n} pairs; the "
                        f"target is +-{rules.precision:.1%}")
-    if t.n >= 8:
-        half = t.n // 2
-        first, second = float(np.median(t.ratios[:half])), float(np.median(t.ratios[half:]))
+    # Halves are compared within each worker process: the spread between processes is already in a pooled
+    # interval, and is no sign of an unfinished warm-up.
+    groups = [t.ratios] if t.groups is None else [t.ratios[t.groups == g] for g in np.unique(t.groups)]
+    for k, ratios in enumerate(groups):
+        if ratios.shape[0] < 8:
+            continue
+        half = ratios.shape[0] // 2
+        first, second = float(np.median(ratios[:half])), float(np.median(ratios[half:]))
         if abs(second - first) / t.speedup > 2 * rules.precision:
-            reasons.append(f"unstable: the speedup moved from {first:.3g}x in the first half of the pairs to "
-                           f"{second:.3g}x in the second (warm-up not finished, or the machine changed)")
+            where = f" of worker process {k + 1}" if t.groups is not None else ""
+            reasons.append(f"unstable: the speedup moved from {first:.3g}x in the first half of the pairs{where} "
+                           f"to {second:.3g}x in the second (warm-up not finished, or the machine changed)")
+            break
     return ("unreliable" if reasons else "ok"), reasons
 
 

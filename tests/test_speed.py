@@ -78,5 +78,5 @@ def test_the_verdict_reaches_the_record_and_the_terminal(busy, tmp_path, monkeyp
         assert s.status == "unreliable" and s.contention.other_cpu_share == pytest.approx(0.5, abs=0.05)
         assert "contended" in s.reasons[0] and "UNRELIABLE" in res.output
     else:
-        assert s.contention.other_cpu_share == 0.0
+        assert s.contention.other_cpu_share < 0.02  # the stub reads our CPU time a moment before the monitor
         assert "UNRELIABLE" not in res.output or s.status == "unreliable"  # smoke timing may still be imprecise

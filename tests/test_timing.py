@@ -221,3 +221,48 @@ def test_split_rules_share_the_work_between_processes():
     s = split_rules(r, 4)
     assert (s.min_time_s, s.min_repeats, s.max_repeats, s.max_time_s) == (0.5, 4, 50, 30.0)
     assert s.precision == pytest.approx(0.06) and split_rules(r, 1) is r
+
+
+def _process(level: float, rng, n: int = 30, noise: float = 0.005):
+    from bench.timing import PairedTiming
+
+    m = np.full(n, 0.01)
+    r = m * level * rng.lognormal(0, noise, n)
+    ratios = r / m
+    return PairedTiming(r, m, float(np.median(ratios)), bootstrap_interval(ratios, np.median), False)
+
+
+def test_a_pooled_timing_is_judged_stable_within_each_process():
+    """Processes that disagree widen the interval; they are no sign of an unfinished warm-up."""
+    rng = np.random.default_rng(2)
+    pooled = pool([_process(x, rng) for x in (1.9, 2.1, 2.0)])
+    _, reasons = verdict(pooled, TimingRules(precision=0.1))
+    assert not any(r.startswith("unstable") for r in reasons)
+    drifting = _process(2.0, rng)
+    drift = np.r_[np.full(15, 1.0), np.full(15, 1.3)]  # the second half of one process runs 30% slower
+    drifting = type(drifting)(drifting.reference_s * drift, drifting.method_s, 2.0, drifting.interval, False)
+    _, reasons = verdict(pool([_process(2.0, rng), drifting]), TimingRules(precision=0.1))
+    assert any(r.startswith("unstable") and "worker process 2" in r for r in reasons)
+
+
+@pytest.mark.parametrize("levels, want", [
+    ((2.0, 2.0, 2.0), "3"),  # agreeing processes: the minimum is enough
+    ((1.8, 2.2) + (2.0,) * 8, "more"),  # two disagree: processes are added until the pooled interval is precise
+    ((1.8, 2.2) * 5, "cap"),  # they never agree: added up to the cap (3 x processes), then unreliable
+])
+def test_workers_are_added_until_the_pooled_interval_meets_the_target(monkeypatch, levels, want):
+    import bench.speed as speed
+    from bench.progress import Reporter
+
+    rng = np.random.default_rng(3)
+    queue = [_process(x, rng) for x in levels]
+    monkeypatch.setattr(speed, "_worker_timing", lambda spec: queue.pop(0))
+    spec = speed.RunSpec("t", "m", {}, "cpu", 0)
+    rules = TimingRules(precision=0.03, attempts=1, max_time_s=1e9)
+    m = speed.time_in_workers(spec, rules, 3, Reporter())
+    if want == "3":
+        assert m.processes == 3 and m.status == "ok"
+    elif want == "more":
+        assert 3 < m.processes < 9 and m.timing.precision <= 0.03 and m.status == "ok"
+    else:
+        assert m.processes == 9 and m.timing.precision > 0.03 and m.status == "unreliable"
