@@ -1,4 +1,5 @@
-"""`bench remeasure RECORD...`: re-time an existing record and rewrite only its `speed` block.
+"""`bench remeasure RECORD...`: re-time an existing record and rewrite only its `speed` block (and the machine
+it was timed on).
 
 A speed figure timed on a busy machine is worthless, but the rest of its record (quality, sizes, MACs, training
 cost) is not: those are exactly repeatable. So a contended or pre-verdict record is re-timed, not re-run:
@@ -12,7 +13,9 @@ cost) is not: those are exactly repeatable. So a contended or pre-verdict record
    must have the record's parameters, non-zeros and serialized size, so it is the model the record measured.
 4. The two arms are timed under the profile's rules (lock, precision target, verdict, retries; optionally in
    several worker processes), and the record is written back atomically with the new `speed`, whose
-   `remeasured` field says when, with which code, which command and which packages.
+   `remeasured` field says when, with which code, which command and which packages. `profile.detected` (and
+   whether it matched the profile) becomes the machine of the re-timing, since the speed is the record's one
+   machine-dependent figure; the original run's machine moves to `speed.remeasured.original_machine`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | N
               precision: float | None = None) -> Result:
     """Re-time the record at `path` and rewrite it with the new speed; the new record. Raises
     `RemeasureRefused` when the record cannot be re-timed as it stands (nothing is written then)."""
-    from bench.hardware import detect_machine
+    from bench.hardware import detect_machine, match_profile
+    from bench.profiles import load_profile
     from bench.measure import count_parameters, serialized_bytes
     from bench.progress import Reporter
     from bench.provenance import git_state, package_versions
@@ -84,11 +88,17 @@ def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | N
     m, rules = measure_speed(ref_fn, met_fn, p.ctx, reporter, processes, spec, precision)
     sha, dirty = git_state()
     argv = argv if argv is not None else sys.argv
+    machine = detect_machine()
+    first = record.speed.remeasured.original_machine if record.speed.remeasured else None
     stamp = Remeasured(at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        bench_version=record.provenance.bench_version, git_sha=sha, git_dirty=dirty,
                        command=shlex.join(["bench", *argv[1:]]) if argv else "bench remeasure",
-                       packages=package_versions(), machine=detect_machine())
+                       packages=package_versions(), original_machine=first or record.profile.detected)
     speed = speed_record(m, rules, unit, items, remeasured=stamp)
-    new = Result.model_validate({**record.model_dump(by_alias=True), "speed": speed.model_dump()})
+    mismatches = match_profile(load_profile(record.profile.name), machine)
+    profile = {**record.profile.model_dump(by_alias=True), "detected": machine.model_dump(by_alias=True),
+               "matched": not mismatches, "mismatches": mismatches}
+    new = Result.model_validate({**record.model_dump(by_alias=True), "speed": speed.model_dump(),
+                                 "profile": profile})
     atomic_write_text(path, new.to_json())
     return new

@@ -145,15 +145,17 @@ class Attempt(_M):
 
 
 class Remeasured(_M):
-    """Who re-timed the record (`bench remeasure`), when, with which code: only `speed` changed."""
+    """Who re-timed the record (`bench remeasure`), when, with which code. Only `speed` and the machine it was
+    timed on (`profile.detected`, `matched`, `mismatches`) changed; the original run's machine is kept here."""
     at: str
     bench_version: str
     git_sha: str | None
     git_dirty: bool | None
     command: str
     packages: dict[str, str] = Field(default_factory=dict, description="package versions it was re-timed with")
-    machine: Machine | None = Field(None, description="the machine it was re-timed on (profile.detected is the "
-                                    "original run's)")
+    original_machine: Machine | None = Field(None, description="the machine of the run that made the record "
+                                             "(its quality figures); profile.detected is the machine it was "
+                                             "re-timed on, whose speed the record holds")
 
 
 LEGACY_REASON = "timed before bench measured contention and precision (run `bench remeasure` on it)"
