@@ -42,6 +42,10 @@ class Budget(str, Enum):
         """`n` training steps under this budget (at most `SMOKE_STEPS` under smoke)."""
         return n if self is Budget.FULL else min(n, SMOKE_STEPS)
 
+    def pick(self, full, smoke):
+        """`full` under the full budget, `smoke` under smoke (an evaluation size, a workload, a token cap)."""
+        return full if self is Budget.FULL else smoke
+
     @property
     def smoke(self) -> bool:
         return self is Budget.SMOKE
@@ -79,7 +83,7 @@ class LMExtra(TypedDict, total=False):
 
 
 class DiffusionExtra(TypedDict, total=False):
-    """A denoiser's sampling procedure (see tasks.diffusion)."""
+    """A denoiser's sampling procedure (see tasks._kit.diffusion)."""
     scheduler: Any  # a diffusers scheduler
     num_inference_steps: int
     denoise: Callable[..., "torch.Tensor"]  # (model, x, t, conditioning, step_index) -> prediction
@@ -180,7 +184,7 @@ class TrainingSplit(Protocol):
     """A classification or generation task's encoded training split."""
 
     def training_split(self) -> Any:
-        """The training split as `tasks.classification.Split` (x: the model's inputs as the task encodes them,
+        """The training split as `tasks._kit.classification.Split` (x: the model's inputs as the task encodes them,
         y: int64 labels), on the CPU."""
 
 

@@ -2,7 +2,7 @@
 
 1. Every result file under the results tree: the schema and the record's invariants (delta, intervals, the
    config hash recomputed from the record, the file in the place its fields name); the method and the task
-   exist in the registries with the family and modality the record says; the method is not the generated
+   exist in the registries with the family and modality the record says; neither is the generated
    template; the provenance names a clean git state (a sha, not dirty); the profile matched the machine it
    was measured on, so no other machine's numbers are mixed into a profile's table; the run had the full
    budget (a `--budget smoke` run is a CI check, not a result) and did not fail; its speed figure is plausible
@@ -12,7 +12,7 @@
    Results the pull request adds or changes (or every result, with `strict`, or when there is no git history
    to compare with) are held to all of this; results already on the base branch only get warnings for the
    provenance and profile rules, so a rule added later does not fail every pull request.
-2. Every registered method that is still the generated template is an error.
+2. Every registered method or task that is still the generated template is an error.
 3. Every method whose module the pull request adds or changes (against `base`; or every method with
    `all_methods`) is smoke-run (`budget="smoke"`) on each embedded task it supports, each run in its own
    process, into a temporary folder. A run that fails is an error; one whose output is indistinguishable
@@ -163,6 +163,9 @@ def check_results(report: CheckReport, root: Path, is_new, strict: bool) -> None
             if t.modality != r.task.modality or t.tier != r.task.tier:
                 report.add("error", where, f"task {t.name!r} is {t.tier}/{t.modality}, the record says "
                                            f"{r.task.tier}/{r.task.modality}")
+            if is_template(t):
+                report.add("error", where, f"made on {t.name!r}, which is still the generated template task: "
+                                           f"results on a template are not accepted")
         except RegistryError as e:
             report.add("error", where, f"the record's task is not registered here: {e}")
         prov = r.provenance
@@ -265,7 +268,7 @@ def smoke_run(report: CheckReport, methods: list[str], jobs: int = 1) -> None:
 
 def run_check(results_root: Path = DEFAULT_RESULTS, base: str | None = None, all_methods: bool = False,
               smoke: bool = True, strict: bool = False, jobs: int = 1) -> CheckReport:
-    from bench.registry import METHODS
+    from bench.registry import METHODS, TASKS
     from bench.scaffold import is_template
 
     base_sha, note = resolve_base(base)
@@ -284,6 +287,10 @@ def run_check(results_root: Path = DEFAULT_RESULTS, base: str | None = None, all
             templates.append(spec.name)
             report.add("error", spec.name, f"still the generated template ({spec.cls.__module__}): make apply() do "
                                            f"the method's work, fill in paper and summary, delete BENCH_TEMPLATE")
+    for tspec in TASKS:
+        if is_template(tspec):
+            report.add("error", tspec.name, f"task still the generated template ({tspec.cls.__module__}): give it "
+                                            f"its real data and models, fill in its summary, delete BENCH_TEMPLATE")
     modules = method_modules()
     if all_methods:
         todo = sorted(modules)

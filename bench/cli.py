@@ -336,33 +336,6 @@ def reproduce(
               highlight=False)
 
 
-new_app = typer.Typer(no_args_is_help=True, help="Generate a new method from the project's template.")
-app.add_typer(new_app, name="new")
-
-
-@new_app.command("method")
-def new_method(
-    name: Annotated[str, typer.Argument(help="the method's name: lower case, digits and dashes, e.g. my-pruning")],
-    family: Annotated[str, typer.Option(help="distillation, caching, pruning or decoding")],
-    modality: Annotated[Optional[list[str]], typer.Option(help="a modality it supports; repeat "
-                                                                "(default image-classification)")] = None,
-    root: Annotated[Optional[Path], typer.Option(help="the project root (default: found from here)")] = None,
-) -> None:
-    """Generate a working (identity) method, its test and a docs stub; `bench check` refuses it until edited."""
-    from bench.scaffold import ScaffoldError, new_method as generate
-
-    try:
-        g = generate(name, family, tuple(modality or ("image-classification",)), root)
-    except ScaffoldError as e:
-        _fail(str(e))
-    for f in g.files:
-        out.print(f"wrote {f}", highlight=False)
-    out.print(f"\n{name!r} is registered and runs, but it is the identity: edit {g.files[0].name} (apply, paper, "
-              f"summary, hyper-parameters), delete its BENCH_TEMPLATE line, then\n"
-              f"  python -m pytest {g.files[1]}\n  bench run --method {name} --task digits\n  bench check\n"
-              f"CONTRIBUTING.md walks through the rest.", highlight=False)
-
-
 @app.command()
 def check(
     results_dir: Annotated[Path, typer.Option(help="root of the results tree")] = Path("results"),
@@ -395,6 +368,9 @@ from bench.cli_records import remeasure, report  # noqa: E402 - light: typer and
 
 app.command()(remeasure)
 app.command()(report)
+from bench.cli_new import new_app  # noqa: E402 - light: typer and rich only
+
+app.add_typer(new_app, name="new")
 
 
 def main() -> None:

@@ -336,22 +336,36 @@ def markdown_tables(results_root: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def compatibility_matrix() -> str:
-    """Which registered method runs on which registered task (its modality and the capabilities the task
-    declares, `bench.api`), from the registries: what `bench list methods --task T` answers, for every T."""
+def compatibility() -> tuple[list, list, dict[tuple[str, str], str | None]]:
+    """(tasks, methods, cells) from the registries: which registered method runs on which registered task (a
+    modality it supports, and the capabilities it needs declared by the task, `bench.api`). A cell is "" when
+    the method runs there, "needs X, Y" when only capabilities are missing, None for another modality. This is
+    what `bench list methods --task T` answers, for every T; the README and the site show it."""
     from bench.registry import FAMILIES, METHODS, TASKS, missing_capabilities, requirement_name, supports
 
     tasks = sorted(TASKS, key=lambda t: (t.tier, t.modality, t.name))
     methods = sorted(METHODS, key=lambda m: (FAMILIES.index(m.family), m.name))
+    cells: dict[tuple[str, str], str | None] = {}
+    for m in methods:
+        for t in tasks:
+            if supports(m, t):
+                cells[m.name, t.name] = ""
+            elif t.modality in m.modalities:
+                cells[m.name, t.name] = "needs " + ", ".join(requirement_name(r) for r in missing_capabilities(m, t))
+            else:
+                cells[m.name, t.name] = None
+    return tasks, methods, cells
+
+
+def compatibility_matrix() -> str:
+    """`compatibility()` as a markdown table."""
+    tasks, methods, cells = compatibility()
     head = "| method | " + " | ".join(f"`{t.name}`" for t in tasks) + " |"
     rule = "| --- |" + " --- |" * len(tasks)
 
     def cell(m, t) -> str:
-        if supports(m, t):
-            return "yes"
-        if t.modality in m.modalities:
-            return "needs " + ", ".join(requirement_name(r) for r in missing_capabilities(m, t))
-        return ""
+        c = cells[m.name, t.name]
+        return "yes" if c == "" else (c or "")
 
     rows = [f"| `{m.name}` | " + " | ".join(cell(m, t) for t in tasks) + " |" for m in methods]
     intro = ("### What runs where\n\nFrom the registries (a method runs on a task of a modality it supports that "

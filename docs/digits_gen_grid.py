@@ -27,7 +27,7 @@ def main(task_name: str, out: str, methods: list[str]) -> None:
     from bench.profiles import load_profile
     from bench.progress import Reporter
     from tasks.base import RunContext
-    from tasks.diffusion import eval_inputs, sample, save_grid, to_uint8
+    from tasks._kit.diffusion import eval_inputs, sample, save_grid, to_uint8
 
     torch.set_num_threads(2)
     ctx = RunContext(profile=load_profile("cpu"), seed=0, progress=Reporter(), batch_size=10, budget="full")

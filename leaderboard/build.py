@@ -149,7 +149,8 @@ def _render_all(loaded: D.Loaded, results: Path, site: Path) -> BuildReport:
         root="", cards=cards, profiles=profiles, tiers=D.sorted_unique(c["tier"] for c in cards),
         n_results=report.results, n_invalid=len(loaded.invalid)))
     methods = [pages.method_page(m, records_by_method[m], method_specs.get(m)) for m in sorted(records_by_method)]
-    _write(site, "methods/index.html", env.get_template("methods.html").render(root="../", methods=methods))
+    _write(site, "methods/index.html", env.get_template("methods.html").render(
+        root="../", methods=methods, matrix=pages.compatibility_view()))
     method_t = env.get_template("method.html")
     for m in methods:
         _write(site, f"methods/{m['name']}.html", method_t.render(root="../", m=m))

@@ -166,6 +166,22 @@ def method_page(name: str, records: list, spec: Any) -> dict[str, Any]:
             "results": results, "tasks": D.sorted_unique(x["task"] for x in results)}
 
 
+def compatibility_view() -> dict[str, Any] | None:
+    """The methods x tasks table of the methods page, from the registries (`bench.tables.compatibility`);
+    None when the registries cannot be loaded (the site can be built from results alone)."""
+    try:
+        from bench.tables import compatibility
+
+        tasks, methods, cells = compatibility()
+    except Exception:  # noqa: BLE001
+        return None
+    rows = [{"name": m.name, "family": m.family,
+             "cells": [{"state": "yes" if cells[m.name, t.name] == "" else ("needs" if cells[m.name, t.name]
+                                                                           else "other"),
+                        "text": cells[m.name, t.name] or ""} for t in tasks]} for m in methods]
+    return {"tasks": [{"name": t.name, "tier": t.tier, "modality": t.modality} for t in tasks], "rows": rows}
+
+
 # --- run pages ----------------------------------------------------------------------------------------------
 def _pairs(d: dict[str, Any], skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     return [(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in d.items() if k not in skip]

@@ -18,7 +18,7 @@ reference would need tens of millions of parameters, hours of training on this m
 that trade more tokens per forward pass for extra work therefore gain less here than on a GPU.
 
 Quality: lm-eval's exact match (strict `#### <n>` filter) on a local task in GSM8K's style
-(`tasks.lm_harness`), zero-shot, greedy, batch 1, on the `EVAL_SIZE` first test problems. Fidelity: the share
+(`tasks._kit.lm_harness`), zero-shot, greedy, batch 1, on the `EVAL_SIZE` first test problems. Fidelity: the share
 of those problems whose generated answer equals the reference's token for token. Workload: greedy answers to
 the first `WORKLOAD_SIZE` test questions at the profile's causal-LM batch size; items are generated tokens.
 """
@@ -34,7 +34,7 @@ from bench.api import Draft, Student, Tokenizer, TrainingRows
 from bench.registry import register_task
 from tasks import arith_data
 from tasks.base import ARTIFACTS, Evaluation, ReferenceWeights, RunContext, Subject, Task
-from tasks.lm import LMArch, LMRecipe
+from tasks._kit.lm import LMArch, LMRecipe
 
 if TYPE_CHECKING:
     import torch
@@ -242,7 +242,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
 
         from tasks import lm_harness
 
-        limit = EVAL_SIZE if ctx.budget == "full" else SMOKE_EVAL_SIZE
+        limit = ctx.budget.pick(EVAL_SIZE, SMOKE_EVAL_SIZE)
         r = lm_harness.evaluate(subject, self.harness_folder(), "arith", limit=limit)
         self.last_harness = r
         ctx.progress.log(f"lm-eval exact match ({lm_harness.FILTER}) {r.value:.4f} ± {r.stderr:.4f} "
@@ -262,7 +262,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
     def workload_prompts(self, ctx: RunContext) -> list[str]:
         from tasks import lm
 
-        n = WORKLOAD_SIZE if ctx.budget == "full" else SMOKE_WORKLOAD_SIZE
+        n = ctx.budget.pick(WORKLOAD_SIZE, SMOKE_WORKLOAD_SIZE)
         return [lm.prompt_of(p["question"]) for p in self.test[:n]]
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:

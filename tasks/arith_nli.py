@@ -7,7 +7,7 @@ problems. Tokenizer: cased WordPiece with single-digit tokens, built from the tr
 
 Models: `transformers`' `BertForSequenceClassification` (a `BertConfig` of the sizes below), wrapped in a
 module that takes one integer tensor per batch, `[B, 2, L]` = (token ids, segment ids), so the shared
-classification machinery (`tasks.classification.fit` / `predict`) and methods written against a
+classification machinery (`tasks._kit.classification.fit` / `predict`) and methods written against a
 `model(x) -> logits` subject work unchanged; `model.hf` is the Hugging Face model itself (for methods that
 need its hidden states, attentions or layers). The student (`build_student`) is the fixed, smaller encoder
 every distillation method on this task trains. The reference is trained by the harness on the training pairs
@@ -41,7 +41,7 @@ from bench.api import Augmentation, EncoderData, Student, Tokenizer, TrainingSpl
 from bench.registry import register_task
 from tasks import arith_data, arith_nli_data
 from tasks.base import ARTIFACTS, Evaluation, ReferenceWeights, RunContext, Subject, Task
-from tasks.classification import Split, TrainRecipe
+from tasks._kit.classification import Split, TrainRecipe
 
 if TYPE_CHECKING:
     import torch
@@ -219,7 +219,7 @@ class ArithNLI(Task, TrainingSplit, Student, Augmentation, Tokenizer, EncoderDat
     def train_reference(self, ctx: RunContext) -> dict:
         import torch
 
-        from tasks.classification import fit, seed_everything
+        from tasks._kit.classification import fit, seed_everything
 
         seed_everything(0)  # the reference never depends on the run's seed
         model = self.build_reference()
@@ -279,7 +279,7 @@ class ArithNLI(Task, TrainingSplit, Student, Augmentation, Tokenizer, EncoderDat
 
     # ---- measurement ----------------------------------------------------------------------------------------
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
-        from tasks.classification import predict
+        from tasks._kit.classification import predict
 
         pred = predict(subject.model, self.test.x.to(ctx.device), ctx.batch_size).argmax(dim=1).cpu()
         correct = (pred == self.test.y).double().numpy()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from bench.registry import register_task
 from tasks.base import ReferenceWeights, RunContext
-from tasks.classification import ImageClassificationTask, Split, TrainRecipe
+from tasks._kit.classification import ImageClassificationTask, Split, TrainRecipe
 
 if TYPE_CHECKING:
     import torch

@@ -5,7 +5,7 @@ A *full* task: it runs for real where the machine can download the pipeline (use
 `bench run --method deepcache --task coco --profile a100-bf16`); its code is tested offline on fixture
 captions and images in COCO's own layout with a tiny random Stable Diffusion pipeline built from configs
 (tests/tasks/test_coco.py). The shared machinery (subject, evaluation loop, FID and its interval, fidelity,
-workload) is `tasks.latent_diffusion`.
+workload) is `tasks._kit.latent_diffusion`.
 
 Data: COCO captions (Chen et al., 2015, arXiv:1504.00325) in the layout cocodataset.org ships:
 `<folder>/annotations/captions_<split>.json` (`images`: id, file_name; `annotations`: image_id, id, caption) and
@@ -18,7 +18,7 @@ the same generator; so the 1k subset is inside the 5k one, which is inside the 3
 
 FID: the n generated images (one per selected caption, noise seeded per image by the run's seed) against the
 same n real images, each resized (shorter side, bicubic, antialiased) and centre-cropped to the generated size
-(512), features by torch-fidelity's `inception-v3-compat` (`tasks.fid_stats`); the real statistics are cached.
+(512), features by torch-fidelity's `inception-v3-compat` (`tasks._kit.fid_stats`); the real statistics are cached.
 CLIP score (Hessel et al., 2021, arXiv:2104.08718): torchmetrics' `CLIPScore`, the mean over the generated
 images of 100 cos(E_image, E_caption), floored at 0, with `openai/clip-vit-large-patch14` (`$BENCH_COCO_CLIP`: a
 local CLIP folder or a hub id, `@revision` to pin), handed to torchmetrics as a loaded (model, processor) pair
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Callable
 
 from bench.registry import register_task
 from tasks.base import RunContext, Subject
-from tasks.latent_diffusion import LatentDiffusionTask, data_root
+from tasks._kit.latent_diffusion import LatentDiffusionTask, data_root
 
 if TYPE_CHECKING:
     import torch
@@ -195,7 +195,7 @@ class Coco(LatentDiffusionTask):
     def load(self, ctx: RunContext | None = None) -> None:
         if self._loaded:
             return
-        from tasks import fid_stats
+        from tasks._kit import fid_stats
 
         self.load_common(ctx)
         folder, split = data_folder()
@@ -224,7 +224,7 @@ class Coco(LatentDiffusionTask):
 
     @staticmethod
     def _clip_source():
-        from tasks import pretrained
+        from tasks._kit import pretrained
 
         return pretrained.model_source(CLIP_ENV, CLIP_ID)
 
@@ -254,7 +254,7 @@ class Coco(LatentDiffusionTask):
         if self._clip is None:
             from transformers import CLIPModel, CLIPProcessor
 
-            from tasks import pretrained
+            from tasks._kit import pretrained
 
             src = self.clip_source
             model = pretrained.load_model(CLIPModel, src, "CLIP-score model")

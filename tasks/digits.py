@@ -9,7 +9,7 @@ result on `digits` is measured against those exact weights on every machine.
 from __future__ import annotations
 
 from bench.registry import register_task
-from tasks.classification import ImageClassificationTask, Split, TrainRecipe
+from tasks._kit.classification import ImageClassificationTask, Split, TrainRecipe
 from tasks.base import RunContext
 
 

@@ -5,18 +5,18 @@ the backbone with no new runner setting, and each has its own published weights 
 - `digits-gen`: a class-conditional diffusers `UNet2DModel` (~0.93 M parameters);
 - `digits-gen-dit`: a class-conditional diffusers `DiTTransformer2DModel` (~0.83 M parameters, 4 blocks, patch 2),
   whose `transformer_blocks` diffusers' cache hooks attach to.
-Both are trained by the harness with DDPM's epsilon objective (`tasks.diffusion.train_ddpm`) and sampled by
-DDIM, 50 steps, eta 0, no guidance. The sampling interface methods wrap is documented in `tasks.diffusion`.
+Both are trained by the harness with DDPM's epsilon objective (`tasks._kit.diffusion.train_ddpm`) and sampled by
+DDIM, 50 steps, eta 0, no guidance. The sampling interface methods wrap is documented in `tasks._kit.diffusion`.
 
 Quality: FID (lower is better) of `EVAL_SIZE` generated images (labels i mod 10, noise from the run's seed)
 against the 450 real test digits, computed by torch-fidelity with the harness's own digits classifier as the
-registered feature extractor (`tasks.fid`); its interval comes from jackknife pseudo-values per image. Also
+registered feature extractor (`tasks._kit.fid`); its interval comes from jackknife pseudo-values per image. Also
 logged: the classifier's accuracy on the generated digits (does image i show digit i mod 10) and PSNR.
 Fidelity: mean SSIM (torchmetrics, on the uint8 images) of each image to the reference's image from the same
 noise and label. Workload: one batch of the profile's image-generation size (16 on the CPU), fixed noise and
 labels; items are images.
 
-Published references (trained by `tasks.diffusion.train_ddpm` with each task's recipe, one thread, on the shared
+Published references (trained by `tasks._kit.diffusion.train_ddpm` with each task's recipe, one thread, on the shared
 2-core machine): the UNet, 1,500 steps at batch 128 (871 s), FID 12.14 and 95.4% generated-digit accuracy on
 the 500 evaluation images; the DiT, 3,000 steps at batch 128 (1,814 s). `docs/digits-gen-reference.png` and
 `docs/digits-gen-dit-reference.png` show 100 samples each (`python docs/digits_gen_grid.py <task> <png>`).
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 from bench.api import TrainingSplit
 from bench.registry import register_task
 from tasks.base import ARTIFACTS, Evaluation, RunContext, Subject, Task
-from tasks.diffusion import DIT, SCHEDULE, UNET, DiffusionRecipe
+from tasks._kit.diffusion import DIT, SCHEDULE, UNET, DiffusionRecipe
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,7 @@ class DigitsGenTask(Task, TrainingSplit):
     def load(self, ctx: RunContext | None = None) -> None:
         if self._loaded:
             return
-        from tasks.diffusion import load_digits16
+        from tasks._kit.diffusion import load_digits16
 
         self.train, self.test = load_digits16()
         self._loaded = True
@@ -84,18 +84,18 @@ class DigitsGenTask(Task, TrainingSplit):
         return h.hexdigest()
 
     def real_images(self) -> "torch.Tensor":
-        from tasks.diffusion import to_uint8
+        from tasks._kit.diffusion import to_uint8
 
         return to_uint8(self.test.x)
 
     # ---- models ---------------------------------------------------------------------------------------------
     def build_reference(self):
-        from tasks import diffusion
+        from tasks._kit import diffusion
 
         return diffusion.build_unet() if self.backbone == "unet" else diffusion.build_dit()
 
     def train_reference(self, ctx: RunContext) -> dict:
-        from tasks.diffusion import train_ddpm
+        from tasks._kit.diffusion import train_ddpm
 
         model = self.build_reference()
         seconds, loss = train_ddpm(model, self.train, self.recipe, ctx, f"Training the {self.spec.name} reference")
@@ -110,7 +110,7 @@ class DigitsGenTask(Task, TrainingSplit):
         return cache.cache_dir() / "tasks" / self.spec.name / f"v{self.spec.version}" / f"reference-{k}.safetensors"
 
     def prepare(self, model, ctx: RunContext) -> Subject:
-        from tasks.diffusion import sampling_extra
+        from tasks._kit.diffusion import sampling_extra
 
         model = model.to(device=ctx.device, dtype=ctx.torch_dtype).eval()
         return Subject(model, self.spec.modality, sampling_extra(self.backbone))
@@ -118,7 +118,7 @@ class DigitsGenTask(Task, TrainingSplit):
     def classifier_path(self, ctx: RunContext) -> Path:
         """The feature classifier's weights file: the published artifact when intact, else a cached build."""
         from bench import cache
-        from tasks import fid
+        from tasks._kit import fid
 
         if CLASSIFIER_SHA256 and cache.load_weights(CLASSIFIER_ART, CLASSIFIER_SHA256) is not None:
             return CLASSIFIER_ART
@@ -134,7 +134,7 @@ class DigitsGenTask(Task, TrainingSplit):
         """`bench reference build`: the feature classifier and this task's reference, into the cache, and with
         `publish` into tasks/artifacts/. Returns the reference's sha256 and path."""
         from bench import cache
-        from tasks import fid
+        from tasks._kit import fid
 
         clf = fid.train_classifier(self.train, ctx)
         ctx.progress.log(f"digits-gen classifier: sha256 {cache.save_weights(self._clf_cache(ctx), clf)}")
@@ -151,7 +151,7 @@ class DigitsGenTask(Task, TrainingSplit):
 
     def _clf_cache(self, ctx: RunContext) -> Path:
         from bench import cache
-        from tasks import fid
+        from tasks._kit import fid
 
         k = cache.key(ctx.budget, ctx.device, fid.CLASSIFIER_RECIPE, self.data_fingerprint())
         return cache.cache_dir() / "tasks" / "digits-gen" / f"classifier-{k}.safetensors"
@@ -159,16 +159,16 @@ class DigitsGenTask(Task, TrainingSplit):
     # ---- measurement ----------------------------------------------------------------------------------------
     def generate(self, subject: Subject, ctx: RunContext) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(uint8 images, labels) of the evaluation set: deterministic for a fixed seed and subject."""
-        from tasks.diffusion import eval_inputs, generate, to_uint8
+        from tasks._kit.diffusion import eval_inputs, generate, to_uint8
 
-        n = EVAL_SIZE if ctx.budget == "full" else SMOKE_EVAL_SIZE
+        n = ctx.budget.pick(EVAL_SIZE, SMOKE_EVAL_SIZE)
         noise, labels = eval_inputs(n, ctx.seed, ctx.device, ctx.torch_dtype)
         return to_uint8(generate(subject, noise, labels, EVAL_BATCH)), labels.cpu()
 
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
         import torch
 
-        from tasks import fid
+        from tasks._kit import fid
 
         images, labels = self.generate(subject, ctx)
         weights = self.classifier_path(ctx)
@@ -192,7 +192,7 @@ class DigitsGenTask(Task, TrainingSplit):
         return "ssim_to_reference", image_fidelity(reference.outputs, method.outputs)["ssim"]
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
-        from tasks.diffusion import eval_inputs, sample
+        from tasks._kit.diffusion import eval_inputs, sample
 
         noise, labels = eval_inputs(ctx.batch_size, ctx.seed + WORKLOAD_SEED, ctx.device, ctx.torch_dtype)
         return (lambda: sample(subject, noise, labels)), ctx.batch_size, \

@@ -20,7 +20,7 @@ text-classification batch), tokenized beforehand and padded to the longest; item
 References: `textattack/bert-base-uncased-SST-2` and `textattack/bert-base-uncased-MNLI` (BERT-base uncased
 fine-tuned by TextAttack, Morris et al., 2020; their model zoo reports 92.43% on SST-2 validation and 84.0%
 on the first 1,000 MNLI-matched validation pairs), overridable by `BENCH_GLUE_SST2_REFERENCE` /
-`BENCH_GLUE_MNLI_REFERENCE` (a local Hugging Face folder, or a hub id, `@revision` to pin; `tasks.pretrained`).
+`BENCH_GLUE_MNLI_REFERENCE` (a local Hugging Face folder, or a hub id, `@revision` to pin; `tasks._kit.pretrained`).
 Inputs are the checkpoint's own tokenizer on the sentence (the premise-hypothesis pair for MNLI), truncated to
 `MAX_LENGTH` tokens, TextAttack's fine-tuning length.
 
@@ -33,7 +33,7 @@ LABEL_0..2. `KNOWN_LABEL_ORDERS` records both. The model's output order is taken
 `KNOWN_LABEL_ORDERS` for the default hub ids; else the checkpoint's `id2label` when its names are GLUE's; and
 otherwise it is an error that names the variable. `reorder_head` then permutes the classifier's output rows
 into GLUE's order at load time, so output i means GLUE label i for the reference and for every method and
-student derived from it. `reference_sha256` is the hash of the weights so loaded (`tasks.pretrained`);
+student derived from it. `reference_sha256` is the hash of the weights so loaded (`tasks._kit.pretrained`);
 `reference_canonical` is False (no published hash to check against).
 
 Student: `build_student()` is the reference's architecture with half its layers (6 for BERT-base, DistilBERT's
@@ -51,10 +51,10 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 
 from bench.api import Augmentation, EncoderData, Student, Tokenizer, TrainingSplit
 from bench.registry import register_task
-from tasks import pretrained
+from tasks._kit import pretrained
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
-from tasks.classification import TrainRecipe
-from tasks.pretrained import Pretrained
+from tasks._kit.classification import TrainRecipe
+from tasks._kit.pretrained import Pretrained
 
 if TYPE_CHECKING:
     import torch
@@ -248,7 +248,7 @@ class GlueTask(Pretrained, Task, TrainingSplit, Student, Augmentation, Tokenizer
 
         import torch
 
-        from tasks.classification import Split
+        from tasks._kit.classification import Split
 
         ds = load_split(dataclasses.replace(self.glue, split="train"))
         enc = self.tokenizer(*[list(ds[c]) for c in self.glue.text], truncation=True, max_length=MAX_LENGTH,
@@ -329,7 +329,7 @@ class GlueTask(Pretrained, Task, TrainingSplit, Student, Augmentation, Tokenizer
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
         import numpy as np
 
-        n = len(self.labels) if ctx.budget == "full" else min(SMOKE_EVAL_SIZE, len(self.labels))
+        n = ctx.budget.pick(len(self.labels), min(SMOKE_EVAL_SIZE, len(self.labels)))
         pred = self.predict(subject, ctx, n).numpy().astype(np.int64)
         correct = (pred == self.labels[:n]).astype(np.float64)
         return Evaluation(float(correct.mean()), correct, pred)

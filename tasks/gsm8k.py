@@ -19,7 +19,7 @@ holds `train.jsonl` and `test.jsonl` as in the original release (github.com/open
 `#### <n>`), and lm-eval's config gets `dataset_path: json`, `dataset_name: null` and
 `dataset_kwargs: {data_files: {train: .../train.jsonl, test: .../test.jsonl}}`; every other key is lm-eval's.
 
-Models (`tasks.pretrained`): `BENCH_GSM8K_REFERENCE` (default `Qwen/Qwen2.5-1.5B-Instruct`) and
+Models (`tasks._kit.pretrained`): `BENCH_GSM8K_REFERENCE` (default `Qwen/Qwen2.5-1.5B-Instruct`) and
 `BENCH_GSM8K_DRAFT` (default `Qwen/Qwen2.5-0.5B-Instruct`), each a local Hugging Face folder or a hub id
 (`org/name@revision` pins one). The tokenizer is the reference's; the draft must have the same vocabulary
 (the two Qwen2.5 models share one tokenizer; checked when the draft loads). `reference_canonical` is False and
@@ -29,8 +29,8 @@ could be checked where this was written; the result's reference source names the
 Decoding: greedy, as lm-eval's `do_sample: false` asks. The checkpoint's generation_config (Qwen2.5-Instruct's
 samples at temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05, which `generate` would apply even to
 greedy search) is replaced by a plain greedy one, so every decoding method can reproduce the reference's
-procedure exactly. Generation goes through `tasks.lm.generate_ids` (the hook decoding methods set), both in
-lm-eval (`tasks.lm_harness`, HFLM over the subject) and in the timed workload. A method's own procedure decodes
+procedure exactly. Generation goes through `tasks._kit.lm.generate_ids` (the hook decoding methods set), both in
+lm-eval (`tasks._kit.lm_harness`, HFLM over the subject) and in the timed workload. A method's own procedure decodes
 to EOS or 256 tokens; lm-eval then cuts every response at its stop strings.
 
 Evaluation size: all 1,319 test problems on a GPU profile; the first `CPU_EVAL_SIZE` on the CPU profile; the
@@ -56,9 +56,9 @@ from typing import TYPE_CHECKING, Callable
 
 from bench.api import Draft, Student, Tokenizer, TrainingRows
 from bench.registry import register_task
-from tasks import pretrained
+from tasks._kit import pretrained
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
-from tasks.pretrained import Pretrained
+from tasks._kit.pretrained import Pretrained
 
 if TYPE_CHECKING:
     import torch
@@ -246,7 +246,7 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
 
     # ---- measurement --------------------------------------------------------------------------------------
     def eval_limit(self, ctx: RunContext) -> int | None:
-        if ctx.budget != "full":
+        if ctx.budget.smoke:
             return SMOKE_EVAL_SIZE
         return None if ctx.device == "cuda" else CPU_EVAL_SIZE
 
@@ -271,7 +271,7 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
 
     def workload_contexts(self, ctx: RunContext) -> list[str]:
         """lm-eval's own prompts (5-shot contexts) of the first test problems, as `evaluate` builds them."""
-        n = WORKLOAD_SIZE if ctx.budget == "full" else SMOKE_WORKLOAD_SIZE
+        n = ctx.budget.pick(WORKLOAD_SIZE, SMOKE_WORKLOAD_SIZE)
         task = build_lm_eval_task(self.config)
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
         task.build_all_requests(limit=n, rank=0, world_size=1)
@@ -284,7 +284,7 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
 
         tok = subject.extra["tokenizer"]
         prompts = self.workload_contexts(ctx)
-        bs, most = ctx.batch_size, MAX_GEN_TOKS if ctx.budget == "full" else SMOKE_GEN_TOKS
+        bs, most = ctx.batch_size, ctx.budget.pick(MAX_GEN_TOKS, SMOKE_GEN_TOKS)
         side, tok.padding_side = tok.padding_side, "left"
         batches = [tok(prompts[i:i + bs], return_tensors="pt", padding=True, add_special_tokens=False)
                    for i in range(0, len(prompts), bs)]

@@ -5,7 +5,7 @@ A *full* task: it runs for real where the machine can download DiT-XL/2 (use a G
 `bench run --method taylorseer --task imagenet-fid --profile h100-bf16`); its code is tested offline with a tiny
 random DiT pipeline built from configs and fixture statistics and images (tests/tasks/test_imagenet_fid.py).
 The shared machinery (subject, evaluation loop, FID and its interval, fidelity, workload) is
-`tasks.latent_diffusion`.
+`tasks._kit.latent_diffusion`.
 
 Reference: `facebook/DiT-XL-2-256` (Peebles & Xie, 2023, arXiv:2212.09748; `$BENCH_IMAGENET_FID_REFERENCE`, a
 local diffusers folder or a hub id, `@revision` to pin), loaded as a `DiTPipeline`: the DiT (28 blocks, patch 2
@@ -17,7 +17,7 @@ call of [conditional; unconditional] rows, the learned-sigma channels dropped).
 
 Evaluation: n images, image i of class i mod 1000 (50 per class at FID-50k), its noise seeded per image by the
 run's seed; n is the profile's `[eval_size] imagenet-fid` (1,000 on l4-fp16, 10,000 on a100-bf16, 50,000 on
-h100-bf16 / h200-bf16). FID (`tasks.fid_stats`, torch-fidelity's `inception-v3-compat`, 2048 features) against
+h100-bf16 / h200-bf16). FID (`tasks._kit.fid_stats`, torch-fidelity's `inception-v3-compat`, 2048 features) against
 ImageNet reference statistics, from the first of:
 1. `$BENCH_IMAGENET_FID_STATS`: an .npz with `mu` and `sigma` (computed with the same features);
 2. `$BENCH_IMAGENET_VAL`: a folder of ImageNet images (the ILSVRC2012 validation set, any layout), each resized
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Callable
 
 from bench.registry import register_task
 from tasks.base import RunContext, Subject
-from tasks.latent_diffusion import LatentDiffusionTask, data_root
+from tasks._kit.latent_diffusion import LatentDiffusionTask, data_root
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +97,7 @@ class ImagenetFid(LatentDiffusionTask):
 
     def statistics(self, ctx: RunContext) -> tuple[dict, str]:
         """(mu, sigma) of the ImageNet reference and where they came from (see the module docstring)."""
-        from tasks import fid_stats
+        from tasks._kit import fid_stats
 
         stats_file = os.environ.get(STATS_ENV, "").strip()
         if stats_file:

@@ -92,11 +92,25 @@ def test_require_names_what_is_missing():
 def test_budget_caps_steps_and_compares_as_a_string():
     assert api.Budget("smoke") == "smoke" and api.Budget.FULL == "full"
     assert api.Budget.SMOKE.steps(500) == api.SMOKE_STEPS and api.Budget.FULL.steps(500) == 500
+    assert api.Budget.SMOKE.steps(3) == 3  # a cap, never a floor
+    assert api.Budget.FULL.pick(1000, 8) == 1000 and api.Budget.SMOKE.pick(1000, 8) == 8
     from bench.profiles import load_profile
     from bench.progress import Reporter
 
     ctx = api.RunContext(load_profile("cpu"), 0, Reporter(), budget="smoke")
     assert ctx.budget is api.Budget.SMOKE
+
+
+def test_no_bare_budget_string_is_compared_in_tasks_or_methods():
+    """The budget is asked (`ctx.budget.smoke`, `.steps(n)`, `.pick(full, smoke)`), never compared with a bare
+    string: one place decides what smoke means."""
+    bad = []
+    for folder in ("tasks", "baselines"):
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            for n, line in enumerate(f.read_text().splitlines(), 1):
+                if re.search(r"budget\s*[!=]=\s*[\"'](smoke|full)[\"']", line.split("#", 1)[0]):
+                    bad.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, "\n".join(bad)
 
 
 def test_the_contract_types_are_one_set():

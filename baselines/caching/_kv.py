@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
 from bench.config import ConfigError, check_range
-from tasks.lm import cache_kwargs
+from tasks._kit.lm import cache_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ def single_row(input_ids: "torch.Tensor", attention_mask: "torch.Tensor | None",
 def greedy_decode(model, input_ids: "torch.Tensor", attention_mask: "torch.Tensor | None", max_new_tokens: int,
                   eos_id: int | None, cache, positions: Positions, counts: KVCounts,
                   method: str) -> "torch.Tensor":
-    """Greedy continuation with `cache`, stopping after EOS, as `tasks.lm.generate_ids` returns it: the input
+    """Greedy continuation with `cache`, stopping after EOS, as `tasks._kit.lm.generate_ids` returns it: the input
     (with its padding) followed by the generated tokens.
 
     Position ids: `"original"` gives every token its index in the text (0, 1, 2, ...); `"cache"` gives each new

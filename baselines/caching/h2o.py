@@ -44,7 +44,7 @@ from baselines.base import Applied, Cost, Method
 from baselines.caching._kv import check_in
 from bench.config import ConfigError, check_range
 from bench.registry import register_method
-from tasks.lm import passed_cache
+from tasks._kit.lm import passed_cache
 
 METHOD = "h2o"
 

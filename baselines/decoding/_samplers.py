@@ -1,7 +1,7 @@
 """What the diffusion samplers (`ddim`, `dpm-solver`, `unipc`) share: swap the subject's scheduler, count NFE.
 
 Not a method (the leading underscore keeps the registry's discovery out of it). Module scope is torch-free.
-The subject's sampling interface is documented in `tasks.diffusion`; a sampler replaces only
+The subject's sampling interface is documented in `tasks._kit.diffusion`; a sampler replaces only
 `extra["scheduler"]` (built `from_config` of the reference's scheduler, so the noise schedule, the timestep
 spacing and the prediction type stay the task's) and `extra["num_inference_steps"]`, and wraps
 `extra["denoise"]` to count network evaluations.
@@ -21,7 +21,7 @@ def check_diffusion_subject(subject: "Subject", method: str) -> None:
     missing = [k for k in ("scheduler", "num_inference_steps", "denoise") if k not in subject.extra]
     if missing:
         raise ValueError(f"method {method!r} needs a diffusion subject whose extra has 'scheduler', "
-                         f"'num_inference_steps' and 'denoise' (see tasks/diffusion.py); this one lacks {missing}")
+                         f"'num_inference_steps' and 'denoise' (see tasks/_kit/diffusion.py); this one lacks {missing}")
 
 
 def with_scheduler(subject: "Subject", scheduler_cls: Any, steps: int, method: str, **overrides: Any) -> Applied:

@@ -6,7 +6,7 @@ injected noise) each step is the paper's eq. 12 with sigma_t = 0:
     x_{t-1} = sqrt(a_{t-1}) * (x_t - sqrt(1 - a_t) eps_theta(x_t, t)) / sqrt(a_t) + sqrt(1 - a_{t-1}) eps_theta(x_t, t)
 
 (a_t = alpha-bar_t). The step is diffusers' `DDIMScheduler.step` (eta = 0); `baselines.decoding._samplers`
-swaps it into the task's sampling loop (`tasks.diffusion.sample`) with the reference's own noise schedule.
+swaps it into the task's sampling loop (`tasks._kit.diffusion.sample`) with the reference's own noise schedule.
 Nothing is hand-written: the reference of the `digits-gen` tasks *is* DDIM at 50 steps, so this method at
 `num_inference_steps=50` reproduces it exactly, and fewer steps trade quality for time.
 """

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Callable
 from baselines.base import Applied, Method
 from bench.config import ConfigError, check_range
 from bench.registry import register_method
-from tasks.lm import cache_kwargs
+from tasks._kit.lm import cache_kwargs
 
 if TYPE_CHECKING:
     import torch

@@ -44,7 +44,7 @@ from baselines.base import Applied, Method
 from baselines.decoding.jacobi import Counters, decode_rows, int_in_range
 from bench.config import ConfigError
 from bench.registry import register_method
-from tasks.lm import cache_kwargs
+from tasks._kit.lm import cache_kwargs
 
 if TYPE_CHECKING:
     import torch

@@ -40,7 +40,7 @@ from baselines.base import Applied, Cost, Method
 from bench.config import check_range
 from bench.api import Draft
 from bench.registry import register_method
-from tasks.lm import cache_kwargs
+from tasks._kit.lm import cache_kwargs
 
 if TYPE_CHECKING:
     import torch

@@ -1,8 +1,8 @@
 """Shared machinery of the encoder distillation methods (`distilbert`, `tinybert`) on `arith-nli` and `glue-*`.
 
-Data and loop. The task's training split (`bench.api.TrainingSplit`) is one `tasks.classification.Split` of
+Data and loop. The task's training split (`bench.api.TrainingSplit`) is one `tasks._kit.classification.Split` of
 packed integer batches `x = [N, k, L]` (one row per model input), trained by the shared
-`tasks.classification.fit` (Adam, cosine, the smoke budget's cap): arith-nli's own encoded pairs (token ids,
+`tasks._kit.classification.fit` (Adam, cosine, the smoke budget's cap): arith-nli's own encoded pairs (token ids,
 segment ids, read by its `PairClassifier.inputs`), glue's train split tokenized as its evaluation split and
 read by `Packed`, a module with the same interface around a Hugging Face classifier. The recipe is the task's
 `student_recipe` (`bench.api.Student`; glue's is BERT's GLUE fine-tuning).
@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 
 from baselines.base import ControlResult
 from bench.api import Student, TrainingSplit, require
-from tasks.classification import TrainRecipe
+from tasks._kit.classification import TrainRecipe
 
 if TYPE_CHECKING:
     import torch
 
     from tasks.base import RunContext, Task
-    from tasks.classification import Split
+    from tasks._kit.classification import Split
 
 
 
@@ -159,7 +159,7 @@ def control(task: "Task", ctx: "RunContext", student, data: "Split", recipe: Tra
     """`student`'s architecture from a fresh init trained on the labels alone (see the module docstring)."""
     from bench import cache
     from tasks.base import Evaluation
-    from tasks.classification import fit, seed_everything
+    from tasks._kit.classification import fit, seed_everything
 
     config = getattr(student, "hf", student).config
     k = cache.key(task.spec.version, task.data_fingerprint(), config.to_json_string(use_diff=False), recipe,

@@ -13,7 +13,7 @@ The data. The task's training split as (prompt, ground-truth answer) pairs in th
 (`Question: ...\\nAnswer:` + " " + answer + EOS, loss on the answer): `arith`'s generated problems (its drill
 lines have no prompts, so they are left out), lm-eval's own train split of `gsm8k`.
 
-The control. The same student, from the same start, trained by the same loop (`tasks.lm.fit_lm`: AdamW,
+The control. The same student, from the same start, trained by the same loop (`tasks._kit.lm.fit_lm`: AdamW,
 warm-up then cosine, clipping) for the same steps, batch, learning rate and seed on the ground-truth answers
 alone: plain fine-tuning, which `kd-lm` at alpha = 0 reproduces bit for bit. It is cached (weights, its
 training seconds, its evaluation) per task, data, start, recipe, seed and device, so the four methods share it.
@@ -61,8 +61,8 @@ class LMDistillConfig:
         check_range("warmup_steps", self.warmup_steps, lo=0)
 
     def recipe(self, n_examples: int) -> "lm.LMRecipe":
-        """`tasks.lm.LMRecipe` running exactly `steps` steps over `n_examples`."""
-        from tasks.lm import LMRecipe
+        """`tasks._kit.lm.LMRecipe` running exactly `steps` steps over `n_examples`."""
+        from tasks._kit.lm import LMRecipe
 
         return LMRecipe(epochs=self.steps / math.ceil(n_examples / self.batch_size), lr=self.lr,
                         batch_size=self.batch_size, warmup_steps=self.warmup_steps)
@@ -177,7 +177,7 @@ def control(task: "Task", ctx: "RunContext", cfg: LMDistillConfig, examples: "li
 
 def train(task: "Task", ctx: "RunContext", cfg: LMDistillConfig, examples: "list[lm.Example]", description: str,
           loss_fn=None, batch_loss=None):
-    """(student, `tasks.lm.TrainStats`): the student trained by `tasks.lm.fit_lm` with the method's loss."""
+    """(student, `tasks._kit.lm.TrainStats`): the student trained by `tasks._kit.lm.fit_lm` with the method's loss."""
     from tasks import lm
 
     student = initial_student(task, ctx, cfg.init)

@@ -21,7 +21,7 @@ constant for the student (same gradients), and is zero when the two agree. The w
 the authors' training command (huggingface/transformers `examples/research_projects/distillation`: T = 2,
 alpha_ce 5, alpha_mlm 2 -> a_label here, alpha_cos 1), the T^2 as in their `KLDivLoss` term.
 
-Training: the task's student recipe (`baselines.distillation._encoder`) by `tasks.classification.fit`. The
+Training: the task's student recipe (`baselines.distillation._encoder`) by `tasks._kit.classification.fit`. The
 paper distils during pre-training and then fine-tunes; with no pre-training corpus here, the same objective
 is applied on the task's training split (task-specific distillation). Control: the same half-depth
 architecture from a fresh init, trained on the labels alone (so the gain includes the initialisation).
@@ -94,7 +94,7 @@ class DistilBERT(Method):
         import torch
 
         from baselines.distillation import _encoder as enc
-        from tasks.classification import fit, seed_everything
+        from tasks._kit.classification import fit, seed_everything
 
         cfg = self.config
         teacher = enc.frozen(enc.packed(subject.model, task), ctx)

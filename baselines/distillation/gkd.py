@@ -22,7 +22,7 @@ Why TRL and what is ours: TRL 1.16's trainer runs offline on local models on the
 (checked here), so the library's own loss, sampling and on-policy switch are what is measured. We give it the
 student, the frozen float32 teacher, the tokenized training split (its chat-template collator is replaced by
 one for the tasks' plain prompt format, left-padding prompts for generation) and a recipe matched to the other
-LM methods' `tasks.lm.fit_lm`: AdamW (betas 0.9/0.98, no weight decay), warm-up then cosine to zero, gradient
+LM methods' `tasks._kit.lm.fit_lm`: AdamW (betas 0.9/0.98, no weight decay), warm-up then cosine to zero, gradient
 clipping at 1, `steps` steps of `batch_size` (`max_steps`; 20 under the smoke budget), seeded by the run's
 seed; no gradient checkpointing (it only trades time for memory). The control is the shared one
 (`baselines.distillation._lm`: plain fine-tuning by `fit_lm`, the same recipe; the data order differs).

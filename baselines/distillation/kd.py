@@ -50,7 +50,7 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: f
 def student_without_teacher(task, ctx):
     """The control: the task's student trained on labels alone, cached. Returns (model, seconds)."""
     from bench import cache
-    from tasks.classification import fit, seed_everything
+    from tasks._kit.classification import fit, seed_everything
 
     path = (cache.task_dir(task) / "controls" /
             f"student-{cache.key(task.student_recipe, ctx.seed, ctx.budget, ctx.device)}.safetensors")
@@ -85,7 +85,7 @@ class KnowledgeDistillation(Method):
 
         import torch
 
-        from tasks.classification import fit, seed_everything
+        from tasks._kit.classification import fit, seed_everything
 
         cfg = self.config
         teacher = copy.deepcopy(subject.model).float().eval()

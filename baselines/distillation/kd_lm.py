@@ -13,7 +13,7 @@ padding carry no loss. Kim & Rush's word-level KD is T = 1 (their L_WORD-KD mixe
 Convention: `alpha` weights the soft (teacher) term, as in `kd` and torchdistill; T^2 keeps the soft term's
 gradients on the hard term's scale when T changes (Hinton et al., section 2).
 
-At alpha = 0 the soft term is multiplied by an exact zero and the loss is `tasks.lm.completion_loss`, the
+At alpha = 0 the soft term is multiplied by an exact zero and the loss is `tasks._kit.lm.completion_loss`, the
 loss of plain fine-tuning: the student's weights equal the control's bit for bit (a test checks it).
 The student, data, recipe and control are `baselines.distillation._lm`'s.
 """
@@ -45,7 +45,7 @@ def kd_lm_loss(student_logits, teacher_logits, labels, temperature: float, alpha
     Logits are [B, L, V] for a batch whose labels [B, L] are aligned with the input ids (the shift is here)."""
     import torch.nn.functional as F
 
-    from tasks.lm import completion_loss
+    from tasks._kit.lm import completion_loss
 
     ce = completion_loss(student_logits, labels)
     keep = labels[:, 1:] != -100

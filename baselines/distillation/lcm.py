@@ -185,10 +185,10 @@ class LatentConsistency(Method):
         import dataclasses
 
         from bench import cache
-        from tasks.classification import SMOKE_STEPS
+        from bench.api import SMOKE_STEPS
 
         cfg = self.config
-        steps = cfg.steps if ctx.budget == "full" else SMOKE_STEPS
+        steps = ctx.budget.pick(cfg.steps, SMOKE_STEPS)
         train_cfg = {k: v for k, v in dataclasses.asdict(cfg).items()
                      if k not in ("num_inference_steps", "guidance_scale", "published", "lora")}
         k = cache.key(task.spec.name, task.spec.version, cache.weights_digest(subject.model), train_cfg, steps,
@@ -268,9 +268,9 @@ class LatentConsistency(Method):
 
         import torch
 
-        from tasks.diffusion import sample
+        from tasks._kit.diffusion import sample
 
-        n = self.config.teacher_samples if ctx.budget == "full" else min(self.config.teacher_samples, 4)
+        n = ctx.budget.pick(self.config.teacher_samples, min(self.config.teacher_samples, 4))
         conds = require(task, Pipeline).training_conditions(subject, n, ctx)
         latent = dataclasses.replace(subject, extra={**subject.extra, "decode": None})
         xs = []

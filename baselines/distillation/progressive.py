@@ -125,7 +125,7 @@ def student_key(subject, task, cfg: ProgressiveConfig, ctx) -> str:
 def sample_with(model, subject, steps: int, noise, labels):
     """Images from `model` in the subject's own sampling loop with its DDIM at `steps` steps."""
     from tasks.base import Subject
-    from tasks.diffusion import sample
+    from tasks._kit.diffusion import sample
 
     return sample(Subject(model, subject.kind, dict(subject.extra, num_inference_steps=steps)), noise, labels)
 
@@ -137,7 +137,7 @@ def distill(subject, data_x, data_y, cfg: ProgressiveConfig, seed: int, smoke: b
     import torch
 
     from baselines.distillation import _progressive as P
-    from tasks.classification import seed_everything
+    from tasks._kit.classification import seed_everything
 
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -204,7 +204,7 @@ class ProgressiveDistillation(Method):
 
         def build() -> dict:
             student, built["rounds"] = distill(subject, data.x.to(ctx.device), data.y.to(ctx.device), cfg,
-                                               ctx.seed, ctx.budget != "full", ctx.progress)
+                                               ctx.seed, ctx.budget.smoke, ctx.progress)
             return student.state_dict()
 
         state, _, _ = cache.cached_weights(path, build)

@@ -25,7 +25,7 @@ consecutive groups of heads (teacher heads 2j, 2j+1 -> student head j): our adap
 have the teacher's head count. Left out: general distillation on a pre-training corpus (none here: the
 student starts from a fresh init, not from general TinyBERT) and the paper's data augmentation (GloVe/BERT
 word replacement, which needs embeddings this project cannot download). Training: the task's student recipe
-split into the two stages (`tasks.classification.fit`, Adam and cosine restarted per stage as in the paper's
+split into the two stages (`tasks._kit.classification.fit`, Adam and cosine restarted per stage as in the paper's
 two runs; at 1 epoch each stage gets 1). Control: the same student on the labels alone.
 """
 
@@ -99,7 +99,7 @@ class TinyBERT(Method):
         from torch import nn
 
         from baselines.distillation import _encoder as enc
-        from tasks.classification import fit
+        from tasks._kit.classification import fit
 
         cfg = self.config
         teacher = enc.frozen(enc.packed(subject.model, task), ctx)

@@ -2,7 +2,7 @@
 2023, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion", arXiv:2305.15798).
 
 Removal. BK-SDM takes residual+attention (R-A) pairs out of SD's UNet: one pair per down and up stage
-(BK-SDM-Base) and the whole mid-block (BK-SDM-Small). The digits UNet (`tasks.diffusion.UNET`) has
+(BK-SDM-Base) and the whole mid-block (BK-SDM-Small). The digits UNet (`tasks._kit.diffusion.UNET`) has
 layers_per_block = 1, so a down stage has a single pair, which changes the channel count and cannot go (except
 down0, 32 -> 32). What can go, by name:
 - `mid`: the mid-block (resnet, attention, resnet); the deepest down feature goes straight to the up path.
@@ -196,10 +196,10 @@ def distill(student, teacher, data, cfg: BlockDropConfig, ctx, description: str)
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from tasks.classification import SMOKE_STEPS, seed_everything
-    from tasks.diffusion import SCHEDULE, TRAIN_TIMESTEPS
+    from tasks._kit.classification import seed_everything
+    from tasks._kit.diffusion import SCHEDULE, TRAIN_TIMESTEPS
 
-    total = cfg.steps if ctx.budget == "full" else min(cfg.steps, SMOKE_STEPS)
+    total = ctx.budget.steps(cfg.steps)
     if total == 0:
         return 0.0, 0, {}
     seed_everything(ctx.seed)

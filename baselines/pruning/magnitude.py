@@ -92,7 +92,7 @@ class MagnitudePruning(Method):
         import torch
 
         from baselines.pruning import _calib, _sparse
-        from tasks.classification import TrainRecipe, fit
+        from tasks._kit.classification import TrainRecipe, fit
 
         cfg = self.config
         scope = cfg.scope if cfg.scope != "auto" else ("global" if subject.kind == "image-classification"

@@ -90,8 +90,8 @@ def fit(model: "torch.nn.Module", data: Split, recipe: TrainRecipe, ctx: RunCont
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     n = data.x.shape[0]
     per_epoch = (n + recipe.batch_size - 1) // recipe.batch_size
-    epochs = recipe.epochs if ctx.budget == "full" else 1
-    if ctx.budget != "full":  # smoke: the same code path on a tiny budget
+    epochs = ctx.budget.pick(recipe.epochs, 1)
+    if ctx.budget.smoke:  # smoke: the same code path on a tiny budget
         per_epoch = min(per_epoch, SMOKE_STEPS)
     total = epochs * per_epoch
     if recipe.warmup_steps:  # smoke keeps a warm-up of at most a tenth of its steps

@@ -25,7 +25,7 @@ The sampling interface (what methods wrap or replace; keep it stable) lives in `
     extra["sample"]               optional; sample(subject, noise, labels) -> images replaces the whole loop
     extra["backbone"]             "unet" or "dit"
 
-The full tasks (`coco`, `imagenet-fid`, see `tasks.latent_diffusion`) use the same keys in a latent space:
+The full tasks (`coco`, `imagenet-fid`, see `tasks._kit.latent_diffusion`) use the same keys in a latent space:
 x_t is B x 4 x h x w, `labels` is the conditioning (ImageNet class ids, or the text encoder's prompt
 embeddings, B x 77 x D), `guidance_scale` is set and `denoise` does classifier-free guidance itself, with the
 conditional and unconditional rows batched into one network call (as diffusers' pipelines do; a cache keeps
@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tasks.classification import SMOKE_STEPS, Split, seed_everything
+from tasks._kit.classification import SMOKE_STEPS, Split, seed_everything
 
 if TYPE_CHECKING:
     import torch
@@ -196,7 +196,7 @@ def train_ddpm(model, data: Split, recipe: DiffusionRecipe, ctx: "RunContext", d
     model.to(ctx.device).train()
     x_all, y_all = data.x.to(ctx.device), data.y.to(ctx.device)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    total = recipe.steps if ctx.budget == "full" else SMOKE_STEPS
+    total = ctx.budget.pick(recipe.steps, SMOKE_STEPS)
 
     def factor(step: int) -> float:
         if step < recipe.warmup:

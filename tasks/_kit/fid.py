@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.classification import TrainRecipe
+from tasks._kit.classification import TrainRecipe
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,7 +32,7 @@ def build_classifier():
     """~36k parameters; `[:-2]` of it is the feature map."""
     from torch import nn
 
-    from tasks.classification import seed_everything
+    from tasks._kit.classification import seed_everything
 
     seed_everything(0)
     return nn.Sequential(
@@ -43,7 +43,7 @@ def build_classifier():
 
 
 def train_classifier(train, ctx) -> dict:
-    from tasks.classification import fit
+    from tasks._kit.classification import fit
 
     model = build_classifier()
     fit(model, train, CLASSIFIER_RECIPE, ctx, seed=0, description="Training the digits-gen feature classifier")

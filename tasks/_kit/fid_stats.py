@@ -28,7 +28,7 @@ generated image i (features x_i) on FID,
 
 (the derivative of FID in mu_g and S_g, applied to each image's influence on the mean and the covariance;
 the inverse square root is taken on the range of A S_g A, where every image's influence lies). It costs one
-eigendecomposition and one matrix product, where the exact leave-one-out jackknife of `tasks.fid.jackknife`
+eigendecomposition and one matrix product, where the exact leave-one-out jackknife of `tasks._kit.fid.jackknife`
 would need one matrix square root per image (50,000 of size 2048 for FID-50k); the tests check that both give
 the same pseudo-values on small feature sets. Images generated from the same noise and conditioning are paired
 by index, so the runner's paired interval of the FID difference is meaningful.

@@ -5,7 +5,7 @@ reference's images, and the timed workload.
 Subject: `Subject.model` is the pipeline's denoiser (`UNet2DConditionModel` for Stable Diffusion,
 `DiTTransformer2DModel` for DiT), what the caching and pruning methods transform. The rest of the pipeline
 (VAE, text encoder, tokenizer) stays in the loaded pipeline object, used by the closures in `Subject.extra`,
-which follow `tasks.diffusion`'s sampling interface: `scheduler` (DDIM built `from_config` of the checkpoint's
+which follow `tasks._kit.diffusion`'s sampling interface: `scheduler` (DDIM built `from_config` of the checkpoint's
 own scheduler config, so the noise schedule and timestep spacing are the checkpoint's), `num_inference_steps`,
 `guidance_scale`, `denoise` (classifier-free guidance with the conditional and unconditional rows in one
 batched call, in the order the diffusers pipeline uses), `decode` (the VAE: latents / scaling_factor) and
@@ -13,12 +13,12 @@ batched call, in the order the diffusers pipeline uses), `decode` (the VAE: late
 
 Why not the pipeline's own `__call__`: the methods need the denoiser call of every step with its step index, a
 scheduler they can swap and a reset at every batch start; the pipelines expose only a step-end callback. So the
-loop is `tasks.diffusion.sample`, and the tests check that it gives the pipeline's own images from the same
+loop is `tasks._kit.diffusion.sample`, and the tests check that it gives the pipeline's own images from the same
 initial noise (to float tolerance) for both pipelines.
 
 Evaluation: `n` images (the profile's `[eval_size]` for the task; `SMOKE_EVAL_SIZE` under `--budget smoke`),
 image i from its own seeded noise (`fid_stats.per_image_noise`, run seed) and its own conditioning, generated
-at the profile's image-generation batch size; FID against the task's reference statistics (`tasks.fid_stats`),
+at the profile's image-generation batch size; FID against the task's reference statistics (`tasks._kit.fid_stats`),
 per-image pseudo-values for the interval. Fidelity: mean SSIM (torchmetrics) of the first `FIDELITY_IMAGES`
 images to the reference's images from the same noise and conditioning; those images are kept in the bench cache
 under their content's sha256 (the cached evaluation record names the file). Workload: one batch of the profile's
@@ -26,7 +26,7 @@ image-generation size, end to end (conditioning, every denoising step, VAE decod
 
 Identity: the reference's sha256 is over all the pipeline's weights (denoiser, VAE, text encoder), as loaded;
 `reference_canonical` is False (no published hash: the checkpoints could not be downloaded where this was
-written). Models are `tasks.pretrained` sources: a local diffusers folder (model_index.json and one subfolder
+written). Models are `tasks._kit.pretrained` sources: a local diffusers folder (model_index.json and one subfolder
 per component, as `save_pretrained` writes it) or a hub id, `org/name@revision` to pin.
 """
 
@@ -65,7 +65,7 @@ def data_root() -> Path:
 
 
 def pipeline_source(env: str, default: str):
-    from tasks import pretrained
+    from tasks._kit import pretrained
 
     try:
         return pretrained.model_source(env, default)
@@ -76,7 +76,7 @@ def pipeline_source(env: str, default: str):
 
 def load_pipeline(cls, source, what: str, **kwargs):
     """`cls.from_pretrained` (weights in their stored dtype), with an error that names the variable."""
-    from tasks.pretrained import PretrainedNotFound
+    from tasks._kit.pretrained import PretrainedNotFound
 
     try:
         return cls.from_pretrained(source.path, revision=source.revision, **kwargs)
@@ -89,7 +89,7 @@ def pipeline_sha256(pipe) -> str:
     """sha256 over every weight-bearing component's `state_sha256`, by component name."""
     import torch
 
-    from tasks.pretrained import state_sha256
+    from tasks._kit.pretrained import state_sha256
 
     h = hashlib.sha256()
     for name, module in sorted(pipe.components.items()):
@@ -153,10 +153,10 @@ class LatentDiffusionTask(Task, Pipeline):
     # ---- data ---------------------------------------------------------------------------------------------
     def eval_size(self, ctx: RunContext) -> int:
         """Images per evaluation: the profile's `[eval_size]` entry for this task (smoke: `SMOKE_EVAL_SIZE`)."""
-        return ctx.profile.eval_size_for(self.spec.name) if ctx.budget == "full" else SMOKE_EVAL_SIZE
+        return ctx.budget.pick(ctx.profile.eval_size_for(self.spec.name), SMOKE_EVAL_SIZE)
 
     def data_fingerprint(self) -> str:
-        from tasks import fid_stats
+        from tasks._kit import fid_stats
 
         return hashlib.sha256(json.dumps({
             "data": self.data_digest, "reference_statistics": fid_stats.stats_digest(self.reference_stats),
@@ -166,7 +166,7 @@ class LatentDiffusionTask(Task, Pipeline):
 
     def load_common(self, ctx: RunContext) -> None:
         """What every subclass's `load` starts with: the FID features and the image size."""
-        from tasks import fid_stats
+        from tasks._kit import fid_stats
 
         self.fid = fid_stats.fid_config()
         self.n = self.eval_size(ctx)
@@ -205,7 +205,7 @@ class LatentDiffusionTask(Task, Pipeline):
             b = backbone.load_config(src.path, subfolder=self.backbone_attr, revision=src.revision)
             v = diffusers.AutoencoderKL.load_config(src.path, subfolder="vae", revision=src.revision)
         except (OSError, ValueError) as e:
-            from tasks.pretrained import PretrainedNotFound
+            from tasks._kit.pretrained import PretrainedNotFound
 
             raise PretrainedNotFound(f"could not read the {self.spec.name} pipeline's configs from "
                                      f"{src.describe()} ({src.env}): {e}\n{pipeline_hint(src.env)}") from e
@@ -282,7 +282,7 @@ class LatentDiffusionTask(Task, Pipeline):
         return self.conditioning(subject, idx, ctx)()
 
     def noise(self, subject: Subject, indices, seed: int, ctx: RunContext) -> "torch.Tensor":
-        from tasks.fid_stats import per_image_noise
+        from tasks._kit.fid_stats import per_image_noise
 
         m = subject.model.config
         shape = (m.in_channels, m.sample_size, m.sample_size)
@@ -293,8 +293,8 @@ class LatentDiffusionTask(Task, Pipeline):
         import torch
 
         from bench import cache
-        from tasks import fid_stats
-        from tasks.diffusion import sample, to_uint8
+        from tasks._kit import fid_stats
+        from tasks._kit.diffusion import sample, to_uint8
 
         extractor, feats, kept = fid_stats.create_extractor(self.fid, ctx.device), [], []
         self.begin_metrics(ctx)
@@ -323,9 +323,9 @@ class LatentDiffusionTask(Task, Pipeline):
                                                load_images(str(method.outputs[0])))
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
-        from tasks.diffusion import sample
+        from tasks._kit.diffusion import sample
 
-        m = ctx.batch_size if ctx.budget == "full" else min(ctx.batch_size, SMOKE_WORKLOAD)
+        m = ctx.budget.pick(ctx.batch_size, min(ctx.batch_size, SMOKE_WORKLOAD))
         idx = list(range(m))
         noise, labels = self.noise(subject, idx, ctx.seed + WORKLOAD_SEED, ctx), self.conditioning(subject, idx, ctx)
         steps = subject.extra.get("num_inference_steps")

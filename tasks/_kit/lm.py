@@ -237,8 +237,7 @@ def fit_lm(model: "PreTrainedModel", examples: list[Example], recipe: LMRecipe, 
     lengths = [len(e[0]) for e in examples]
     per_epoch = math.ceil(len(examples) / recipe.batch_size)
     total = max(1, round(recipe.epochs * per_epoch))
-    if ctx.budget != "full":
-        total = min(total, SMOKE_STEPS)
+    total = ctx.budget.steps(total)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},

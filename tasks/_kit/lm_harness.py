@@ -10,7 +10,7 @@ from the command line:
 
 `evaluate(subject, folder, name)` runs `lm_eval.simple_evaluate` on the subject's model as an in-memory
 `HFLM` at batch 1, with a subclass whose `_model_generate` goes through the subject's generation procedure
-(`tasks.lm.generate_ids`, so decoding methods are evaluated by their own procedure) and records the
+(`tasks._kit.lm.generate_ids`, so decoding methods are evaluated by their own procedure) and records the
 generated token ids. The metric is the `strict-match` filter's exact match (the number after `#### `).
 """
 
@@ -33,7 +33,7 @@ MAX_GEN_TOKS = 160  # the longest arith answer is about 110 tokens
 
 TASK_YAML = """\
 # An lm-eval task in the style of lm-eval's gsm8k.yaml (same prompt, target, stop strings, metric and
-# filters), zero-shot, on local JSON lines. Written by bench (tasks/lm_harness.py); do not edit.
+# filters), zero-shot, on local JSON lines. Written by bench (tasks/_kit/lm_harness.py); do not edit.
 task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -128,7 +128,7 @@ def _rng_preserved() -> Iterator[None]:
 def _lm_class():
     from lm_eval.models.huggingface import HFLM
 
-    from tasks.lm import generate_ids
+    from tasks._kit.lm import generate_ids
 
     class SubjectLM(HFLM):
         """HFLM over a bench `Subject`: generation goes through the subject's procedure and is recorded."""

@@ -36,7 +36,7 @@ CASES = [  # (backbone, method, overrides): each method's defaults unless a hook
 def _subject(backbone: str):
     import torch
 
-    from tasks import diffusion
+    from tasks._kit import diffusion
     from tasks.base import Subject
 
     torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def _subject(backbone: str):
 def test_caching_speedup(benchmark, backbone, name, overrides):
     from bench import registry
     from bench.measure import count_macs
-    from tasks.diffusion import eval_inputs, sample
+    from tasks._kit.diffusion import eval_inputs, sample
 
     reference = _subject(backbone)
     applied = registry.create_method(name, overrides).apply(reference, None, None)
@@ -87,7 +87,7 @@ def test_denoiser_overhead(benchmark, backbone):
 
     import torch
 
-    from tasks import diffusion
+    from tasks._kit import diffusion
 
     subject = _subject(backbone)
     denoise = diffusion.DENOISERS[backbone]

@@ -57,6 +57,30 @@ def test_pages_for_every_task_method_and_run(results_tree: Path, tmp_path: Path)
         assert (out / r["page"]).is_file() and (out / "results" / r["file"]).is_file()
 
 
+def test_the_methods_page_shows_what_runs_where_from_the_registries(results_tree: Path, tmp_path: Path):
+    """Every registered method against every registered task, with or without results: a tick where the
+    registry says it runs, the missing capability where only that is lacking, nothing for another modality."""
+    from bench.registry import METHODS, TASKS, missing_capabilities, supports
+
+    build_site(results_tree, tmp_path / "site")
+    page = (tmp_path / "site" / "methods" / "index.html").read_text()
+    table = page[page.index('id="compatibility"'):]
+    rows = re.findall(r"<tr><td><span[^>]*>([^<]+)</span></td>\s*(.*?)</tr>", table, re.S)
+    assert {name for name, _ in rows} == {m.name for m in METHODS}
+    heads = re.findall(r'<th title="[^"]*">([^<]+)</th>', table)
+    assert set(heads) == {t.name for t in TASKS}
+    specs = {t.name: t for t in TASKS}
+    for name, cells in rows:
+        m = next(x for x in METHODS if x.name == name)
+        states = re.findall(r'<td class="fit-(\w+)"', cells)
+        for t, state in zip(heads, states):
+            want = "yes" if supports(m, specs[t]) else ("needs" if specs[t].modality in m.modalities else "other")
+            assert state == want, (name, t)
+            if want == "needs":
+                assert missing_capabilities(m, specs[t])
+    assert "fit-needs" in table and "fit-yes" in table  # both kinds occur in this registry
+
+
 def test_best_per_family_is_per_profile(results_tree: Path, tmp_path: Path):
     build_site(results_tree, tmp_path / "site")
     home = (tmp_path / "site" / "index.html").read_text()

@@ -138,7 +138,7 @@ def test_encoded_splits_and_student(task):
 def test_the_recipes_warm_up_and_clipping_are_optional():
     """arith-nli's recipes use `TrainRecipe`'s warm-up and clipping; a recipe without them keeps its old repr (the
     cache keys of every other task's trained models are built from it) and its schedule (no warm-up)."""
-    from tasks.classification import TrainRecipe, _warmup_cosine
+    from tasks._kit.classification import TrainRecipe, _warmup_cosine
 
     assert repr(TrainRecipe(epochs=40, lr=2e-3, batch_size=64)) == \
         "TrainRecipe(epochs=40, lr=0.002, batch_size=64, weight_decay=0.0)"

@@ -17,7 +17,7 @@ from bench.registry import RegistryError, create_method
 from tasks import coco, fid_stats
 from tasks.base import RunContext
 from tasks.coco import Coco, CocoDataError, CocoDataNotFound
-from tasks.pretrained import PretrainedNotFound
+from tasks._kit.pretrained import PretrainedNotFound
 
 sys.path.insert(0, str(Path(__file__).parent))  # for latent_fixtures, under --import-mode=importlib too
 
@@ -117,7 +117,7 @@ def test_the_tasks_loop_reproduces_the_stable_diffusion_pipeline(env):
     of diffusers' StableDiffusionPipeline with a DDIM scheduler from the same config."""
     from diffusers import DDIMScheduler
 
-    from tasks.diffusion import sample
+    from tasks._kit.diffusion import sample
 
     ctx = context()
     task, subject = reference(ctx)
@@ -139,7 +139,7 @@ def test_evaluation_fid_clip_score_and_fidelity(env):
     import torch_fidelity
     from transformers import CLIPModel, CLIPProcessor
 
-    from tasks.latent_diffusion import load_images
+    from tasks._kit.latent_diffusion import load_images
 
     ctx = context(budget="full", eval_size=5)
     task, subject = reference(ctx)
@@ -181,7 +181,7 @@ def test_deepcache_on_the_sd_unet(env):
     """interval 1 reproduces the reference; the shallow path from a fresh cache equals the full pass on the
     cross-attention UNet, for both branches; interval 3 caches."""
     from baselines.caching.deepcache import unet_forward
-    from tasks.diffusion import sample
+    from tasks._kit.diffusion import sample
 
     ctx = context()
     task, subject = reference(ctx)
@@ -207,7 +207,7 @@ def test_deepcache_on_the_sd_unet(env):
 
 def test_the_samplers_on_the_sd_unet(env):
     """ddim at the reference's steps reproduces the reference; dpm-solver and unipc run at fewer steps."""
-    from tasks.diffusion import sample
+    from tasks._kit.diffusion import sample
 
     ctx = context()
     task, subject = reference(ctx)

@@ -9,7 +9,7 @@ import torch
 from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.registry import get_task_spec
-from tasks import diffusion, fid
+from tasks._kit import diffusion, fid
 from tasks.base import RunContext
 
 TASKS = ("digits-gen", "digits-gen-dit")

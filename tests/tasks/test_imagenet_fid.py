@@ -1,6 +1,6 @@
 """The `imagenet-fid` full task, offline: a tiny random DiT pipeline written by the tests, reference statistics
 from a fixture file, a fixture image folder or a (local, file://) download, and a tiny registered torch-fidelity
-extractor in place of Inception. Also the FID helpers of `tasks.fid_stats` against independent computations."""
+extractor in place of Inception. Also the FID helpers of `tasks._kit.fid_stats` against independent computations."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.registry import create_method
-from tasks import fid_stats, imagenet_fid
+from tasks._kit import fid_stats, imagenet_fid
 from tasks.base import RunContext
 from tasks.imagenet_fid import ImagenetFid, ImagenetStatsNotFound
 
@@ -73,7 +73,7 @@ def batch(task, subject, ctx, indices=(0, 1)):
 # ---- FID helpers -----------------------------------------------------------------------------------------------
 
 def test_fid_is_torch_fidelitys_and_agrees_with_scipy():
-    from tasks.fid import frechet_distance
+    from tasks._kit.fid import frechet_distance
 
     rng = np.random.default_rng(1)
     gen, real = rng.normal(size=(300, 6)), rng.normal(0.3, 1.2, size=(400, 6))
@@ -86,9 +86,9 @@ def test_fid_is_torch_fidelitys_and_agrees_with_scipy():
 
 @pytest.mark.parametrize("n", [60, 400])
 def test_pseudo_values_agree_with_the_exact_jackknife(n):
-    """The infinitesimal jackknife (one eigendecomposition) against `tasks.fid.jackknife` (exact leave-one-out,
+    """The infinitesimal jackknife (one eigendecomposition) against `tasks._kit.fid.jackknife` (exact leave-one-out,
     one sqrtm per image): the same per-image pseudo-values up to the first-order error."""
-    from tasks.fid import jackknife
+    from tasks._kit.fid import jackknife
 
     rng = np.random.default_rng(n)
     gen, real = rng.normal(size=(n, 5)) * [1, 2, 1, 0.5, 1], rng.normal(0.5, 1.0, size=(500, 5))
@@ -169,7 +169,7 @@ def test_the_tasks_loop_reproduces_the_dit_pipeline(env):
     """Same initial latents and classes: DDIM with guidance 1.5 and the VAE decode give DiTPipeline's images."""
     from diffusers import DDIMScheduler
 
-    from tasks.diffusion import sample
+    from tasks._kit.diffusion import sample
 
     ctx = context()
     task, subject = reference(ctx)
@@ -219,7 +219,7 @@ def test_wrong_statistics_dimensions_are_an_error_at_evaluation(env, tmp_path, m
 def test_samplers_and_caches_on_the_dit(env):
     """ddim at the reference's steps and fora at interval 1 reproduce the reference; taylorseer of order 0 is
     fora; dpm-solver and unipc run; diffusers' hooks attach to the DiT blocks and fire."""
-    from tasks.diffusion import sample
+    from tasks._kit.diffusion import sample
 
     ctx = context()
     task, subject = reference(ctx)

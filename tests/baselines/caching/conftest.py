@@ -1,5 +1,5 @@
 """Fixtures for the diffusion caching tests: the digits-gen denoisers (random weights, seeded) in the task's own
-sampling loop (`tasks.diffusion.sample`), with few steps and a batch of 2, so each test takes a fraction of a
+sampling loop (`tasks._kit.diffusion.sample`), with few steps and a batch of 2, so each test takes a fraction of a
 second."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ STEPS = 7
 def make_subject(backbone: str, steps: int = STEPS):
     import torch
 
-    from tasks import diffusion
+    from tasks._kit import diffusion
     from tasks.base import Subject
 
     torch.set_num_threads(1)
@@ -33,7 +33,7 @@ def dit_subject():
 
 @pytest.fixture(scope="module")
 def inputs():
-    from tasks.diffusion import eval_inputs
+    from tasks._kit.diffusion import eval_inputs
 
     return eval_inputs(2, 0), eval_inputs(2, 1)  # two different batches (noise, labels)
 
@@ -47,7 +47,7 @@ def sample(subject, batch):
 
     import torch
 
-    from tasks.diffusion import sample as run_loop
+    from tasks._kit.diffusion import sample as run_loop
 
     eps = []
     inner = subject.extra["denoise"]

@@ -9,7 +9,7 @@ from bench.config import ConfigError
 from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.registry import create_method, get_task_spec
-from tasks import diffusion
+from tasks._kit import diffusion
 from tasks.base import RunContext
 
 SAMPLERS = {"ddim": 20, "dpm-solver": 10, "unipc": 10}  # name -> default steps

@@ -29,7 +29,7 @@ class StubTask(TrainingSplit):
         return self.train
 
     def __init__(self, backbone: str):
-        from tasks.classification import Split
+        from tasks._kit.classification import Split
 
         self.backbone, self.evaluated = backbone, 0
         self.spec = SimpleNamespace(name=f"stub-{backbone}", version="1")
@@ -37,7 +37,7 @@ class StubTask(TrainingSplit):
         self.train = Split(torch.rand(24, 1, 16, 16, generator=gen) * 2 - 1, torch.arange(24) % 10)
 
     def prepare(self, model, ctx):
-        from tasks import diffusion
+        from tasks._kit import diffusion
         from tasks.base import Subject
 
         return Subject(model.eval(), "image-generation",
@@ -61,7 +61,7 @@ def ctx(tmp_path, monkeypatch):
 
 
 def reference(backbone: str):
-    from tasks import diffusion
+    from tasks._kit import diffusion
 
     task = StubTask(backbone)
     model = diffusion.build_unet() if backbone == "unet" else diffusion.build_dit()
@@ -73,7 +73,7 @@ def block_drop(subject, task, ctx, **overrides):
 
 
 def images(subject):
-    from tasks.diffusion import eval_inputs, sample
+    from tasks._kit.diffusion import eval_inputs, sample
 
     noise, labels = eval_inputs(3, 0)
     return sample(subject, noise, labels)

@@ -19,7 +19,7 @@ STEPS = 4
 
 
 def subject(backbone: str):
-    from tasks import diffusion
+    from tasks._kit import diffusion
     from tasks.base import Subject
 
     model = (diffusion.build_unet() if backbone == "unet" else diffusion.build_dit()).eval()
@@ -32,7 +32,7 @@ def tome(s, **overrides):
 
 def eps_trace(s, noise, labels):
     """Every step's denoiser output from the task's loop (random weights make the final images huge)."""
-    from tasks.diffusion import sample
+    from tasks._kit.diffusion import sample
 
     out, inner = [], s.extra["denoise"]
 
@@ -46,7 +46,7 @@ def eps_trace(s, noise, labels):
 
 @pytest.mark.parametrize("backbone", ["dit", "unet"])
 def test_ratio_zero_reproduces_the_reference_bit_for_bit(backbone):
-    from tasks.diffusion import eval_inputs
+    from tasks._kit.diffusion import eval_inputs
 
     s = subject(backbone)
     noise, labels = eval_inputs(3, 0)
@@ -66,7 +66,7 @@ def test_ratio_zero_reproduces_the_reference_bit_for_bit(backbone):
 @pytest.mark.parametrize("backbone", ["dit", "unet"])
 def test_merging_changes_the_output_and_removes_macs(backbone):
     from bench.measure import count_macs
-    from tasks.diffusion import eval_inputs
+    from tasks._kit.diffusion import eval_inputs
 
     s = subject(backbone)
     noise, labels = eval_inputs(2, 0)
@@ -165,7 +165,7 @@ def test_on_the_coco_tasks_stable_diffusion_unet(tmp_path, monkeypatch):
     from bench.progress import Reporter
     from tasks import coco, fid_stats
     from tasks.base import RunContext
-    from tasks.diffusion import sample
+    from tasks._kit.diffusion import sample
 
     monkeypatch.setenv(coco.DATA_ENV, str(write_coco(tmp_path / "data")))
     monkeypatch.setenv(coco.REFERENCE_ENV, str(save_tiny_sd(tmp_path / "sd")))
