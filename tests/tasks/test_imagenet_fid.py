@@ -14,7 +14,8 @@ import torch
 from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.registry import create_method
-from tasks._kit import fid_stats, imagenet_fid
+from tasks import imagenet_fid
+from tasks._kit import fid_stats
 from tasks.base import RunContext
 from tasks.imagenet_fid import ImagenetFid, ImagenetStatsNotFound
 
