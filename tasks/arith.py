@@ -39,7 +39,7 @@ from tasks._kit.lm import LMArch, LMRecipe
 if TYPE_CHECKING:
     import torch
 
-    from tasks import lm
+    from tasks._kit import lm
 
 ART = ARTIFACTS / "arith"
 TOKENIZER_SHA256 = "f6c905fa2f9c78b02ff28c3ed7434ef99d50bc011b2d815bc83f8e3f17a869e5"
@@ -73,7 +73,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
     def load(self, ctx: RunContext | None = None) -> None:
         if self._loaded:
             return
-        from tasks import lm
+        from tasks._kit import lm
 
         self.train, self.test = arith_data.generate()
         art = ART / "tokenizer" / "tokenizer.json"
@@ -88,7 +88,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
         self._loaded = True
 
     def train_tokenizer(self):
-        from tasks import lm
+        from tasks._kit import lm
 
         return lm.train_tokenizer(lm.prompt_of(p["question"]) + " " + p["answer"] for p in self.train)
 
@@ -102,7 +102,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
     def examples(self) -> "list[lm.Example]":
         """The training examples of every arith model: the word problems (loss on the answer) and
         `DRILL_LINES` arithmetic drill lines (loss on the results; see `arith_data.drills`)."""
-        from tasks import lm
+        from tasks._kit import lm
 
         problems = lm.encode_examples(self.tokenizer, [lm.prompt_of(p["question"]) for p in self.train],
                                       [p["answer"] for p in self.train])
@@ -113,7 +113,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
 
     # ---- models ---------------------------------------------------------------------------------------------
     def build_reference(self):
-        from tasks import lm
+        from tasks._kit import lm
 
         return lm.build_lm(REFERENCE_ARCH, self.tokenizer)
 
@@ -125,14 +125,14 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
 
     def build_student(self):
         """The draft's architecture, untrained: the student every distillation method trains."""
-        from tasks import lm
+        from tasks._kit import lm
 
         return lm.build_lm(DRAFT_ARCH, self.tokenizer)
 
     def _train(self, build: Callable, recipe: LMRecipe, ctx: RunContext, what: str) -> dict:
         import torch
 
-        from tasks import lm
+        from tasks._kit import lm
 
         model = build()  # seeded inside: the weights never depend on the run's seed
         stats = lm.fit_lm(model, self.examples(), recipe, ctx, seed=0, description=f"Training the arith {what}",
@@ -194,7 +194,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
         """`bench reference build arith`: train the tokenizer, the reference and the draft again into the cache,
         and with `publish` write all three to tasks/artifacts/arith/. Returns the reference's sha256 and path."""
         from bench import cache
-        from tasks import lm
+        from tasks._kit import lm
 
         self.tokenizer = self.train_tokenizer()
         text = lm.tokenizer_json(self.tokenizer)
@@ -229,7 +229,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
     def harness_folder(self) -> Path:
         """The lm-eval task folder (YAML + test.jsonl), written once per data fingerprint."""
         from bench import cache
-        from tasks import lm_harness
+        from tasks._kit import lm_harness
 
         folder = cache.cache_dir() / "tasks" / "arith" / "lm-eval" / self.data_fingerprint()[:16]
         if not (folder / "arith.yaml").is_file():
@@ -240,7 +240,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
         import numpy as np
 
-        from tasks import lm_harness
+        from tasks._kit import lm_harness
 
         limit = ctx.budget.pick(EVAL_SIZE, SMOKE_EVAL_SIZE)
         r = lm_harness.evaluate(subject, self.harness_folder(), "arith", limit=limit)
@@ -260,7 +260,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
         return "identical_answer_tokens", float(same.mean())
 
     def workload_prompts(self, ctx: RunContext) -> list[str]:
-        from tasks import lm
+        from tasks._kit import lm
 
         n = ctx.budget.pick(WORKLOAD_SIZE, SMOKE_WORKLOAD_SIZE)
         return [lm.prompt_of(p["question"]) for p in self.test[:n]]
@@ -268,7 +268,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
         import torch
 
-        from tasks import lm, lm_harness
+        from tasks._kit import lm, lm_harness
 
         tok = subject.extra["tokenizer"]
         prompts = self.workload_prompts(ctx)

@@ -253,7 +253,7 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
         import numpy as np
 
-        from tasks import lm_harness
+        from tasks._kit import lm_harness
 
         r = lm_harness.evaluate(subject, None, LM_EVAL_TASK, limit=self.eval_limit(ctx), config=self.config)
         self.last_harness = r
@@ -280,7 +280,7 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
         import torch
 
-        from tasks import lm
+        from tasks._kit import lm
 
         tok = subject.extra["tokenizer"]
         prompts = self.workload_contexts(ctx)

@@ -33,7 +33,7 @@ from bench.config import check_range
 if TYPE_CHECKING:
     import torch
 
-    from tasks import lm
+    from tasks._kit import lm
     from tasks.base import RunContext, Subject, Task
 
 INITS = ("draft", "scratch")
@@ -79,7 +79,7 @@ def training_rows(task: "Task") -> list[dict]:
 
 
 def ground_truth_examples(task: "Task") -> "list[lm.Example]":
-    from tasks import lm
+    from tasks._kit import lm
 
     rows = training_rows(task)
     return lm.encode_examples(task.tokenizer, [lm.prompt_of(r["question"]) for r in rows],
@@ -143,7 +143,7 @@ def cost_note(init: str) -> str:
 def control(task: "Task", ctx: "RunContext", cfg: LMDistillConfig, examples: "list[lm.Example]") -> ControlResult:
     """The same student and recipe fine-tuned on the ground truth alone, trained and evaluated once, cached."""
     from bench import cache
-    from tasks import lm
+    from tasks._kit import lm
     from tasks.base import Evaluation
 
     start = initial_student(task, ctx, cfg.init)
@@ -178,7 +178,7 @@ def control(task: "Task", ctx: "RunContext", cfg: LMDistillConfig, examples: "li
 def train(task: "Task", ctx: "RunContext", cfg: LMDistillConfig, examples: "list[lm.Example]", description: str,
           loss_fn=None, batch_loss=None):
     """(student, `tasks._kit.lm.TrainStats`): the student trained by `tasks._kit.lm.fit_lm` with the method's loss."""
-    from tasks import lm
+    from tasks._kit import lm
 
     student = initial_student(task, ctx, cfg.init)
     stats = lm.fit_lm(student, examples, cfg.recipe(len(examples)), ctx, seed=ctx.seed, description=description,
@@ -201,7 +201,7 @@ def sample(student, teacher, prompts: "torch.Tensor", prompt_mask: "torch.Tensor
     including its EOS are real; after it, padding. The teacher runs only when teacher_mix > 0."""
     import torch
 
-    from tasks import lm
+    from tasks._kit import lm
 
     mask = prompt_mask.clone()
     pos = positions(mask)

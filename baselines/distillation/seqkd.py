@@ -42,7 +42,7 @@ def teacher_solutions(subject, task, ctx, prompt_ids: list[list[int]], max_new_t
     including its EOS."""
     import torch
 
-    from tasks import lm
+    from tasks._kit import lm
 
     tok = task.tokenizer
     out: list[list[int]] = []
@@ -76,7 +76,7 @@ class SeqKD(Method):
 
         from baselines.distillation import _lm
         from bench import cache
-        from tasks import lm
+        from tasks._kit import lm
 
         cfg = self.config
         rows = _lm.training_rows(task)

@@ -78,7 +78,7 @@ def all_block_linears(model) -> list["torch.nn.Linear"]:
 # ---- data ------------------------------------------------------------------------------------------------------
 
 def _lm_texts(task: "Task", n: int, seed: int) -> list[str]:
-    from tasks import lm
+    from tasks._kit import lm
 
     rows = require(task, TrainingRows).training_rows()
     return [lm.prompt_of(rows[i]["question"]) + " " + rows[i]["answer"] for i in pick(len(rows), n, seed)]

@@ -19,7 +19,8 @@ def full_task_env(root: Path, separate_draft: bool) -> Iterator[Path]:
     """Write the fixtures under `root` and set the tasks' environment while the context is open. The gsm8k
     reference is a 2-layer Llama of width 32; its draft is the same model, or with `separate_draft` a 1-layer
     Llama of width 16 (a student smaller than its teacher)."""
-    from tasks import glue, gsm8k, lm
+    from tasks import glue, gsm8k
+    from tasks._kit import lm
 
     data = root / "gsm8k"
     data.mkdir()

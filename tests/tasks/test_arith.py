@@ -11,7 +11,8 @@ import torch
 
 from bench.profiles import load_profile
 from bench.progress import Reporter
-from tasks import arith, lm, lm_harness
+from tasks import arith
+from tasks._kit import lm, lm_harness
 from tasks.arith import ART, Arith
 from tasks.arith_data import final_answer
 from tasks.base import RunContext, Subject

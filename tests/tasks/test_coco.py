@@ -14,7 +14,8 @@ import torch
 from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.registry import RegistryError, create_method
-from tasks import coco, fid_stats
+from tasks import coco
+from tasks._kit import fid_stats
 from tasks.base import RunContext
 from tasks.coco import Coco, CocoDataError, CocoDataNotFound
 from tasks._kit.pretrained import PretrainedNotFound

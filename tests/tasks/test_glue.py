@@ -11,7 +11,8 @@ import torch
 
 from bench.profiles import load_profile
 from bench.progress import Reporter
-from tasks import glue, pretrained
+from tasks import glue
+from tasks._kit import pretrained
 from tasks.base import RunContext
 from tasks.glue import MNLI, SST2, GlueDataError, GlueDataNotFound, GlueMNLI, GlueSST2, LabelOrderUnknown
 

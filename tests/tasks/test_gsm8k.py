@@ -12,7 +12,8 @@ import yaml
 
 from bench.profiles import load_profile
 from bench.progress import Reporter
-from tasks import gsm8k, lm, lm_harness, pretrained
+from tasks import gsm8k
+from tasks._kit import lm, lm_harness, pretrained
 from tasks.base import RunContext, Subject
 from tasks.gsm8k import GSM8K, GSM8KDataNotFound
 

@@ -40,7 +40,7 @@ def test_a_budget_above_the_sequence_is_the_reference_token_for_token(positions)
 def test_arith_prompts_with_a_large_budget_are_the_reference():
     from bench.profiles import load_profile
     from bench.progress import Reporter
-    from tasks import lm
+    from tasks._kit import lm
     from tasks.arith import Arith
     from tasks.base import RunContext
 

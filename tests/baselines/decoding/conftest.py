@@ -45,7 +45,7 @@ def tokenizer(arith_task):
 @pytest.fixture(scope="session")
 def prompts(arith_task, tokenizer) -> list[torch.Tensor]:
     """Four arith test questions in the task's prompt format, as (1, L) token ids."""
-    from tasks import lm
+    from tasks._kit import lm
 
     return [tokenizer(lm.prompt_of(p["question"]), return_tensors="pt", add_special_tokens=False)["input_ids"]
             for p in arith_task.test[:4]]

@@ -8,7 +8,7 @@ import torch
 
 from baselines.decoding.jacobi import Counters, Jacobi, JacobiConfig, jacobi_decode
 from bench.config import ConfigError, apply_overrides
-from tasks import lm
+from tasks._kit import lm
 from tasks.base import Subject
 
 EOS, PAD = 1, 0

@@ -10,7 +10,7 @@ import torch
 from baselines.decoding.jacobi import Counters
 from baselines.decoding.lookahead import Lookahead, LookaheadConfig, _branches, _mask, lookahead_decode
 from bench.config import ConfigError, apply_overrides
-from tasks import lm
+from tasks._kit import lm
 from tasks.base import Subject
 
 EOS, PAD = 1, 0

@@ -15,7 +15,7 @@ from baselines.decoding.speculative import (SpeculativeConfig, SpeculativeDecode
 from bench.config import ConfigError
 from bench.registry import create_method
 from decoding_models import DraftTask, greedy, tiny_llama
-from tasks import lm
+from tasks._kit import lm
 from tasks.base import Subject
 
 P_MIN = 1e-3  # chi-square p-value below which the empirical distribution is declared different (fixed seeds)

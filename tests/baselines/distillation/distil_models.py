@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parents[2] / "tasks"))  # the task tests' 
 
 import test_gsm8k as gsm8k_fixtures  # noqa: E402
 
-from tasks import lm  # noqa: E402
+from tasks._kit import lm  # noqa: E402
 from tasks.base import Evaluation, Subject  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import torch
 from baselines.distillation import _lm
 from baselines.distillation.kd_lm import KDLM, KDLMConfig, kd_lm_loss
 from bench.config import ConfigError, apply_overrides
-from tasks import lm
+from tasks._kit import lm
 
 
 def test_loss_equals_a_direct_computation_on_hand_made_distributions():

@@ -192,7 +192,8 @@ def files(tmp_path_factory):
 
 @pytest.fixture
 def full_env(files, monkeypatch):
-    from tasks import coco, fid_stats, imagenet_fid
+    from tasks import coco, imagenet_fid
+    from tasks._kit import fid_stats
 
     latent_fixtures.register_extractor()
     stats = files["root"] / "ref.npz"

@@ -9,7 +9,7 @@ import torch
 from baselines.distillation import _lm
 from baselines.distillation.seqkd import SeqKD, SeqKDConfig, teacher_solutions
 from bench.config import ConfigError, apply_overrides
-from tasks import lm
+from tasks._kit import lm
 
 
 def prompt_ids(task):

@@ -55,7 +55,7 @@ def bert_subject(nli, ctx):
 
 @pytest.fixture
 def prompt_ids(arith):
-    from tasks import lm
+    from tasks._kit import lm
 
     return torch.tensor([arith.tokenizer(lm.prompt_of(arith.test[0]["question"]),
                                          add_special_tokens=False)["input_ids"]])

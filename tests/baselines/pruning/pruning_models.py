@@ -24,7 +24,7 @@ def layer_error(w: torch.Tensor, w_pruned: torch.Tensor, x: torch.Tensor) -> flo
 
 
 def tiny_llama(tok, hidden: int = 32, layers: int = 3, heads: int = 2, seed: int = 0):
-    from tasks import lm
+    from tasks._kit import lm
 
     return lm.build_lm(lm.LMArch(hidden=hidden, layers=layers, heads=heads, intermediate=2 * hidden), tok, seed=seed)
 

@@ -55,7 +55,7 @@ def test_dropping_no_block_leaves_the_outputs_unchanged(llama_subject, arith, ct
 
 
 def test_the_lowest_influence_blocks_are_removed_for_real(llama_subject, arith, ctx, prompt_ids):
-    from tasks import lm
+    from tasks._kit import lm
 
     ref = llama_subject.model
     out = create_method("layer-drop", {"layers": "2"}).apply(llama_subject, arith, ctx)

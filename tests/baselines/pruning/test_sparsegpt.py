@@ -60,7 +60,7 @@ def test_sparsity_zero_leaves_the_model_unchanged(llama_subject, arith, ctx, pro
 
 def test_prunes_every_block_linear_of_a_llama_and_keeps_it_running(llama_subject, arith, ctx, prompt_ids):
     from baselines.pruning import _calib
-    from tasks import lm
+    from tasks._kit import lm
 
     out = create_method("sparsegpt", {"structure": "2:4"}).apply(llama_subject, arith, ctx)
     model = out.subject.model

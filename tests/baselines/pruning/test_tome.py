@@ -163,7 +163,8 @@ def test_on_the_coco_tasks_stable_diffusion_unet(tmp_path, monkeypatch):
 
     from bench.profiles import load_profile
     from bench.progress import Reporter
-    from tasks import coco, fid_stats
+    from tasks import coco
+    from tasks._kit import fid_stats
     from tasks.base import RunContext
     from tasks._kit.diffusion import sample
 

@@ -62,7 +62,7 @@ def test_prunes_each_row_of_every_block_linear_and_records_it(llama_subject, ari
 
 def test_the_first_block_is_calibrated_on_training_problems(llama_subject, arith, ctx):
     """Block 0's statistics equal a direct computation on the embedded training problems."""
-    from tasks import lm
+    from tasks._kit import lm
 
     batches = _calib.calibration_batches(arith, llama_subject, ctx, 8)
     texts = [lm.prompt_of(p["question"]) + " " + p["answer"] for p in arith.train]
