@@ -32,8 +32,9 @@ class Loaded:
     """A results tree as read: valid records with their relative paths, and the files left out (and why)."""
 
     results: list = field(default_factory=list)  # [(Result, relpath: str, verified: bool)], stably ordered
-    invalid: list = field(default_factory=list)  # [bench.store.InvalidResult]
-    verified_files: dict = field(default_factory=dict)  # result relpath -> its .verified.json Path
+    invalid: list = field(default_factory=list)  # [bench.store.InvalidResult], broken .verified.json files too
+    verified_files: dict = field(default_factory=dict)  # result relpath -> its .verified.json Path (sound ones)
+    unverified: dict = field(default_factory=dict)  # result relpath -> why its sound verification verifies nothing
 
 
 def result_files(root: Path) -> list[Path]:
@@ -44,8 +45,9 @@ def result_files(root: Path) -> list[Path]:
 
 
 def load_tree(root: Path) -> Loaded:
-    """Read and validate every result under `root`; a result is verified when `<run-id>.verified.json`
-    lies beside it (issue 9 will give that file content; for now its presence is the flag)."""
+    """Read and validate every result under `root`. A result is verified only when `<run-id>.verified.json`
+    beside it is a sound verification of it as it is now (`verification_status`); the file's existence alone
+    proves nothing (an empty one used to mark a record verified)."""
     from bench.store import InvalidResult, load_result
 
     root = Path(root)
@@ -63,13 +65,44 @@ def load_tree(root: Path) -> Loaded:
             out.invalid.append(InvalidResult(p, [f"file is at {where} but its fields place it at {rel}"]))
             continue
         marker = p.with_name(p.name[: -len(".json")] + VERIFIED_SUFFIX)
-        verified = marker.is_file()
-        if verified:
+        state, reasons = verification_status(marker, r, p.name)
+        if state == "verified":
             out.verified_files[rel] = marker
-        out.results.append((r, rel, verified))
+        elif state == "forced":
+            out.unverified[rel] = reasons
+        elif state == "rejected":
+            out.invalid.append(InvalidResult(marker, [f"not shown as verifying {rel}: " + "; ".join(reasons)]))
+        out.results.append((r, rel, state == "verified"))
     out.results.sort(key=lambda t: (t[0].task.name, t[0].profile.name, t[0].method.name, t[0].created_at,
                                     t[0].run_id))
     return out
+
+
+def verification_status(marker: Path, record, result_file: str) -> tuple[str, list[str]]:
+    """(state, reasons) of the verification file `marker` beside `record`, judged, never trusted:
+    "none" (no file), "verified" (`bench.reproduce.verification_problems` finds nothing, not forced),
+    "forced" (sound, but reproduced past version differences: it shows the configuration runs, not that its
+    numbers repeat, so the record is shown as not verified) or "rejected" (unreadable, not a verification,
+    of another record, failed checks, or a re-run that does not support the record as it is now). Never
+    raises on a broken file: that is a reason like any other."""
+    import os
+
+    from bench.reproduce import InvalidVerification, load_verification, verification_problems
+
+    if not os.path.lexists(marker):
+        return "none", []
+    try:
+        v = load_verification(marker)
+    except InvalidVerification as e:
+        return "rejected", [f"not a verification record ({x})" for x in e.problems]
+    problems = verification_problems(v, record, result_file)
+    if problems:
+        return "rejected", problems
+    if v.forced:
+        return "forced", [f"reproduced with --force past version differences ("
+                          f"{'; '.join(v.version_differences) or 'none listed'}): that shows the configuration "
+                          f"runs here, not that its numbers repeat"]
+    return "verified", []
 
 
 def num(x: Any) -> float | None:

@@ -78,16 +78,40 @@ def make_result(*, task: str = "digits", method: str = "kd", profile: str = "cpu
         cost=Cost(seconds=12.5, steps=300, samples_seen=38_400, description="student training"))
 
 
+def rerun_of(result: Result, speedup: float | None = None, sci: float | None = None, **speed: Any) -> Result:
+    """What `bench reproduce` would have measured for `result`: the same record under another run id, with a
+    reliable speed (its own `speedup` +- `sci` when given; `speed` sets other fields of the speed block)."""
+    s = result.speed
+    if speedup is not None:
+        rel = (s.interval.high - s.interval.low) / (2 * s.speedup) if sci is None else sci
+        s = s.model_copy(update=dict(speedup=speedup, interval=Interval(low=speedup * (1 - rel),
+                                                                        high=speedup * (1 + rel))))
+    s = s.model_copy(update={"status": "ok", "reasons": [], **speed})
+    return result.model_copy(update=dict(run_id=result.run_id[:-4] + "ffff", speed=s))
+
+
+def verification_of(result: Result, rerun: Result | None = None, forced: bool = False, **change: Any) -> str:
+    """The `.verified.json` text `bench reproduce` writes for `result` re-run as `rerun` (default: a faithful
+    re-run); `change` overrides fields of the verification afterwards, as a hand-editor would."""
+    from bench.reproduce import make_verification
+
+    diffs = ["package numpy: record 2.3.0, here 2.4.0"] if forced else []
+    v = make_verification(result, rerun or rerun_of(result), result.relpath().name, "a maintainer", diffs)
+    return v.model_copy(update=change).to_json() if change else v.to_json()
+
+
 def write(result: Result, root: Path, verified: bool = False, fsync: bool = True) -> Path:
-    """Write like `bench run` does (atomically, fsync'd); `fsync=False` just writes, for bulk trees."""
+    """Write like `bench run` does (atomically, fsync'd); `fsync=False` just writes, for bulk trees.
+    `verified`: beside it, the verification `bench reproduce` would write after a faithful re-run (a failed
+    run is never verified: it gets none)."""
     if fsync:
         path = write_result(result, root)
     else:
         path = root / result.relpath()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(result.to_json(), encoding="utf-8")
-    if verified:
-        path.with_name(path.name[: -len(".json")] + ".verified.json").write_text("{}\n")
+    if verified and result.status == "ok":
+        path.with_name(path.name[: -len(".json")] + ".verified.json").write_text(verification_of(result))
     return path
 
 
