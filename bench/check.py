@@ -8,7 +8,8 @@
    budget (a `--budget smoke` run is a CI check, not a result) and did not fail; its speed figure is plausible
    and reliable (`bench.plausibility`: an `ok` verdict, a `none` interval that contains 1.0, no speedup beyond
    its MAC ideal without a registered explanation). Verification records
-   (`<run-id>.verified.json`) must parse and sit beside the result they verify.
+   (`<run-id>.verified.json`) must parse, sit beside the result they verify and still verify it as it is now
+   (`bench.reproduce.verification_problems`: the site's rule).
    Results the pull request adds or changes (or every result, with `strict`, or when there is no git history
    to compare with) are held to all of this; results already on the base branch only get warnings for the
    provenance and profile rules, so a rule added later does not fail every pull request.
@@ -127,7 +128,7 @@ def _repo_rel(p: Path) -> str | None:
 
 def check_results(report: CheckReport, root: Path, is_new, strict: bool) -> None:
     from bench.registry import RegistryError, get_method_spec, get_task_spec
-    from bench.reproduce import load_verification
+    from bench.reproduce import load_verification, verification_problems
     from bench.scaffold import is_template
     from bench.store import InvalidResult, iter_result_files, load_result
 
@@ -204,10 +205,10 @@ def check_results(report: CheckReport, root: Path, is_new, strict: bool) -> None
             r = load_result(target, check_invariants=False)
         except InvalidResult:
             continue  # reported above
-        if ver.config_hash != r.provenance.config_hash or ver.run_id != r.run_id:
-            report.add("error", str(v), f"verifies another record (run {ver.run_id}, config "
-                                        f"{ver.config_hash[:12]}), not {target.name}")
-        else:
+        problems = verification_problems(ver, r, target.name)  # judged as the site judges it, never trusted
+        for problem in problems:
+            report.add("error", str(v), f"does not verify {target.name}: {problem}")
+        if not problems and not ver.forced:  # a forced one is honest, but shows the configuration runs only
             report.n_verified += 1
 
 

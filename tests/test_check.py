@@ -114,17 +114,15 @@ def test_invariants_are_errors_whoever_made_the_result(good_record, tmp_path, wh
 
 
 def test_verification_records_must_sit_beside_what_they_verify(good_record, tmp_path):
-    from bench.reproduce import Verification, verification_path
+    from bench.reproduce import make_verification, verification_path
     from bench.store import load_result
 
     root, path = tree(good_record, tmp_path)
     r = load_result(path)
 
-    def marker(**change) -> str:
-        fields = dict(run_id=r.run_id, result_file=path.name, config_hash=r.provenance.config_hash, verified=True,
-                      verified_by="a maintainer", verified_at="2026-01-01T00:00:00+00:00",
-                      machine=r.profile.detected, bench_version="0.1.0", git_sha=None, checks=[], rerun={})
-        return Verification(**{**fields, **change}).to_json()
+    def marker(**change) -> str:  # what `bench reproduce` writes for a faithful re-run, then hand-edited
+        v = make_verification(r, r, path.name, "a maintainer", [])
+        return v.model_copy(update=change).to_json()
 
     verification_path(path).write_text(marker())
     report = check(root)
@@ -136,6 +134,13 @@ def test_verification_records_must_sit_beside_what_they_verify(good_record, tmp_
     assert "which is not beside it" in messages(check(root), "error")
     (path.parent / "20200101T000000Z-00000000-0000.verified.json").write_text('{"verified": true}')
     assert "not a verification record" in messages(check(root), "error")
+    (path.parent / "20200101T000000Z-00000000-0000.verified.json").unlink()
+    inflated = r.speed.model_copy(update=dict(speedup=r.speed.speedup * 6))  # the record edited after it was verified
+    verification_path(path).write_text(marker(rerun=r.model_copy(update=dict(speed=inflated)).model_dump(mode="json")))
+    assert "does not verify" in messages(check(root), "error")
+    verification_path(path).write_text(marker(forced=True))
+    report = check(root)
+    assert report.ok and report.n_verified == 0  # honest, but it verifies nothing
 
 
 def test_the_report_names_each_problem_and_exits_1(good_record, tmp_path):
