@@ -12,6 +12,13 @@ from the command line:
 `HFLM` at batch 1, with a subclass whose `_model_generate` goes through the subject's generation procedure
 (`tasks._kit.lm.generate_ids`, so decoding methods are evaluated by their own procedure) and records the
 generated token ids. The metric is the `strict-match` filter's exact match (the number after `#### `).
+
+A prompt longer than the model's context is evaluated as lm-eval evaluates it: HFLM keeps only its last
+`max_length - max_gen_toks` tokens (`max_length` is the model's `max_position_embeddings`, `max_gen_toks` the
+task's), so that prompt and answer fit the positions. The generation is recorded under the ids the model was
+actually given, and each document's prompt is matched to them through lm-eval's own encoding
+(`tok_batch_encode`), never through a re-tokenization here that could disagree with it; `HarnessResult.truncated`
+counts the shortened prompts (`HarnessResult.metrics` gives it as a secondary metric, `truncated_prompts`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -105,6 +112,26 @@ class HarnessResult:
     generated: list[list[int]]  # generated token ids per document (EOS included when emitted)
     texts: list[str]  # lm-eval's decoded responses, per document
     raw: dict  # lm-eval's results entry for the task
+    prompt_tokens: list[int] = field(default_factory=list)  # each document's prompt as lm-eval tokenized it
+    context_tokens: list[int] = field(default_factory=list)  # what the model was given (left-truncated)
+
+    @property
+    def truncated(self) -> int:
+        """Documents whose prompt lm-eval left-truncated to fit the model's context (0 when all fit)."""
+        return sum(c < p for p, c in zip(self.prompt_tokens, self.context_tokens))
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """For `Evaluation.metrics`: a truncated prompt is scored on what the model saw of it, so how many
+        were shortened belongs beside the score (a reference and a method of different contexts differ here)."""
+        return {"truncated_prompts": float(self.truncated)}
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    ids: tuple[int, ...]  # the context the model was given (padding included at batch > 1): generation's key
+    prompt_tokens: int  # the whole prompt
+    context_tokens: int  # what was kept of it
 
 
 @contextmanager
@@ -135,10 +162,23 @@ def _lm_class():
 
         def __init__(self, subject: Subject, **kwargs):
             self.subject = subject
-            self.generated: dict[tuple[int, ...], list[int]] = {}
+            self.generated: dict[tuple[int, ...], list[int]] = {}  # by the context ids the model was given
+            self.encoded: dict[str, _Encoded] = {}  # by prompt text: those ids and the prompt's full length
             tok = subject.extra["tokenizer"]
             super().__init__(pretrained=subject.model, tokenizer=tok, batch_size=1,
                              max_length=subject.model.config.max_position_embeddings, **kwargs)
+
+        def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+            """lm-eval's encoding of the prompts, unchanged (left-truncated to `left_truncate_len` only when
+            longer), with what each prompt became recorded, so `evaluate` finds its generation by the prompt."""
+            full, full_mask = super().tok_batch_encode(strings, padding_side, None, truncation)
+            ids, mask = full, full_mask
+            if left_truncate_len and full.shape[1] > left_truncate_len:  # lm-eval's own truncation (and warning)
+                ids, mask = super().tok_batch_encode(strings, padding_side, left_truncate_len, truncation)
+            for row, text in enumerate(strings):
+                self.encoded[text] = _Encoded(tuple(ids[row].tolist()), int(full_mask[row].sum()),
+                                              int(mask[row].sum()))
+            return ids, mask
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if self.subject.extra.get("generate") is None:
@@ -179,13 +219,18 @@ def evaluate(subject: Subject, folder: Path | None, name: str, limit: int | None
                                       numpy_random_seed=None, torch_random_seed=None)
     samples = sorted((s for s in out["samples"][name] if s["filter"] == FILTER), key=lambda s: s["doc_id"])
     per_example = np.asarray([float(s["exact_match"]) for s in samples], dtype=np.float64)
-    tok = subject.extra["tokenizer"]
-    generated, texts = [], []
+    generated, texts, encodings = [], [], []
     for s in samples:
         context = s["arguments"][0][0]
-        ids = tuple(tok(context, add_special_tokens=False)["input_ids"])
-        generated.append(lm.generated[ids])
+        enc = lm.encoded.get(context)
+        if enc is None or enc.ids not in lm.generated:
+            raise RuntimeError(f"lm-eval returned a response for document {s['doc_id']} of {name!r} that was never "
+                               f"generated through bench's HFLM ({'never encoded' if enc is None else 'no generation'}"
+                               " under its context ids); every response must come from the subject's generation")
+        generated.append(lm.generated[enc.ids])
         texts.append(s["resps"][0][0])
+        encodings.append(enc)
     raw = out["results"][name]
     return HarnessResult(float(raw[f"exact_match,{FILTER}"]), float(raw[f"exact_match_stderr,{FILTER}"]),
-                         per_example, generated, texts, {k: v for k, v in raw.items() if k != "alias"})
+                         per_example, generated, texts, {k: v for k, v in raw.items() if k != "alias"},
+                         [e.prompt_tokens for e in encodings], [e.context_tokens for e in encodings])
