@@ -2,6 +2,9 @@
 
 Every entry is written atomically and carries a sha256 in a sidecar; a read that finds a missing, truncated
 or altered entry reports a miss (and the caller rebuilds), never crashes and never unpickles anything.
+An entry of several files (weights and what their build measured: `cached_bundle`) is read as one unit: when
+any part is missing or damaged the whole entry is a miss and is rebuilt, so a value that only the build knows
+(its training time) is never replaced by a placeholder.
 A file lock per entry makes concurrent runs build a shared entry once: the second waits, then reads.
 """
 
@@ -19,11 +22,34 @@ from filelock import FileLock
 from bench.store import atomic_write_text
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("BENCH_CACHE") or os.path.join(
+CACHE_ENV = "BENCH_CACHE"
+
+
+class CacheUnwritable(OSError):
+    """The cache folder cannot be created or written; the message names `BENCH_CACHE`, which chooses it."""
+
+
+def cache_root() -> Path:
+    """The cache folder `BENCH_CACHE` names (default `$XDG_CACHE_HOME/bench`, `~/.cache/bench`), not created:
+    what the preflight probes before any work."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bench")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    return Path(root)
+
+
+def describe_root() -> str:
+    """Where the cache folder comes from, for messages: the variable's value, or that it is the default."""
+    value = os.environ.get(CACHE_ENV)
+    return f"{CACHE_ENV}={value}" if value else f"the default; {CACHE_ENV} is unset"
+
+
+def cache_dir() -> Path:
+    path = cache_root()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheUnwritable(f"the bench cache folder {path} ({describe_root()}) cannot be created: "
+                              f"{e.strerror or e}; set {CACHE_ENV} to a writable folder") from e
     return path
 
 
@@ -104,6 +130,47 @@ def cached_weights(path: Path, build: Callable[[], dict]) -> tuple[dict, str, bo
         tensors = build()
         digest = save_weights(path, tensors)
         return tensors, digest, True
+
+
+# --- weights with what their build measured, as one entry ------------------------------------------------
+
+def _manifest(path: Path) -> Path:
+    return path.with_name(path.name + ".manifest.json")
+
+
+def load_bundle(path: Path) -> tuple[dict, dict, str] | None:
+    """(tensors, meta, sha256) when the weights at `path` and their manifest are both present and intact and
+    the manifest names these very weights; else None (a miss: rebuild both)."""
+    manifest = load_json(_manifest(path))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("weights_sha256"), str) \
+            or not isinstance(manifest.get("meta"), dict):
+        return None
+    hit = load_weights(path, manifest["weights_sha256"])
+    if hit is None:
+        return None
+    return hit[0], manifest["meta"], hit[1]
+
+
+def cached_bundle(path: Path, build: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict, str, bool]:
+    """(tensors, meta, sha256, built_now) for weights cached at `path` together with a JSON-serialisable `meta`
+    that only their build can tell (its seconds, steps, losses).
+
+    The two are one entry: the manifest, written last, names the weights' sha256 and holds `meta`; a missing or
+    truncated manifest, or weights that are not the ones it names, is a miss, and both are built again. (Kept
+    as two separate entries, an intact weights file beside a damaged sidecar used to rebuild the sidecar alone,
+    from a build that never ran: `{"seconds": null}`, cached for good.)"""
+    hit = load_bundle(path)
+    if hit is not None:
+        return hit[0], hit[1], hit[2], False
+    with entry_lock(path):
+        hit = load_bundle(path)
+        if hit is not None:
+            return hit[0], hit[1], hit[2], False
+        tensors, meta = build()
+        meta = json.loads(json.dumps(meta))  # what a later read returns, and a TypeError now if it cannot be
+        digest = save_weights(path, tensors)
+        atomic_write_text(_manifest(path), _wrap({"weights_sha256": digest, "meta": meta}))
+        return tensors, meta, digest, True
 
 
 # --- JSON (evaluations) ------------------------------------------------------------------------------------

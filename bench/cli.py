@@ -1,5 +1,6 @@
 """The `bench` command line. Heavy modules (torch, the runner) are imported inside the commands that use
-them, so `bench list` and `bench validate` start fast."""
+them, so `bench list` and `bench validate` start fast. Text that is not ours (messages, names, paths, YAML and
+pip hints such as `.[ray]`) is never read as rich markup: it is escaped, or printed with markup off."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,7 +30,7 @@ class Listable(str, Enum):
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -109,10 +111,10 @@ def run(
         overrides = parse_sets(set_)
     except ConfigError as e:
         _fail(str(e))
-    from bench.runner import RunFailed, run as do_run
+    from bench.runner import RecordNotWritten, RunFailed, run as do_run
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        err.print(f"[yellow]warning:[/] {message}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
 
     warnings.showwarning = show_warning
     try:
@@ -120,18 +122,25 @@ def run(
         from bench.scaffold import is_template
 
         if is_template(get_method_spec(method)):
-            err.print(f"[yellow]warning:[/] {method!r} is still the generated template: it returns the reference "
-                      f"unchanged, and `bench check` refuses it and its results until it is edited", highlight=False)
+            err.print(f"[yellow]warning:[/] {escape(repr(method))} is still the generated template: it returns the "
+                      f"reference unchanged, and `bench check` refuses it and its results until it is edited",
+                      highlight=False)
     except RegistryError:
         pass  # the run below says so, with near matches
     try:
         outcome = do_run(task, method, profile, seed, overrides, strict, results_dir, RichReporter(err),
                          budget=budget, argv=sys.argv, processes=processes)
-    except (RegistryError, ConfigError, ProfileMismatch) as e:
+    except (RegistryError, ConfigError, ProfileMismatch) as e:  # a PreflightError is a ConfigError
         _fail(str(e))
     except RunFailed as e:
         err.print(e.result.error.traceback, highlight=False, markup=False)
         _fail(f"the run failed: {e}", code=1)
+    except RecordNotWritten as e:
+        _fail(str(e), code=1)
+    except KeyboardInterrupt as e:  # a RunInterrupted says which step; before the runner started, nothing ran
+        err.print(f"[yellow]{escape(str(e) or 'interrupted before the run started: nothing was written')}[/]",
+                  highlight=False)
+        raise typer.Exit(130) from None
     from bench.report import summary_table
 
     out.print(summary_table(outcome.result, outcome.path))
@@ -182,13 +191,14 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="result files or f
         n_ok += len(ok)
         n_bad += len(bad)
         for b in bad:
-            out.print(f"[red]INVALID[/] {b.path}", highlight=False)
+            out.print(f"[red]INVALID[/] {escape(str(b.path))}", highlight=False)
             for problem in b.problems:
                 out.print(f"    {problem}", highlight=False, markup=False)
         for r in ok:
             for problem in plausibility(r):
                 n_warn += 1
-                out.print(f"[yellow]warning[/] {p if p.is_file() else p / r.relpath()}: ", highlight=False, end="")
+                out.print(f"[yellow]warning[/] {escape(str(p if p.is_file() else p / r.relpath()))}: ",
+                          highlight=False, end="")
                 out.print(problem, highlight=False, markup=False)
     out.print(f"{n_ok} valid, {n_bad} invalid" + (f", {n_warn} speed warnings (`bench check` refuses them in a "
                                                  f"pull request)" if n_warn else ""))
@@ -207,12 +217,12 @@ def schema(write: Annotated[bool, typer.Option(help="write bench/schema/result-1
         current = SCHEMA_FILE.read_text() if SCHEMA_FILE.is_file() else ""
         if current != text:
             _fail(f"{SCHEMA_FILE} is out of date; run `bench schema --write`", code=1)
-        out.print(f"{SCHEMA_FILE} is up to date")
+        out.print(f"{SCHEMA_FILE} is up to date", markup=False)
     elif write:
         from bench.store import atomic_write_text
 
         atomic_write_text(SCHEMA_FILE, text)
-        out.print(f"wrote {SCHEMA_FILE}")
+        out.print(f"wrote {SCHEMA_FILE}", markup=False)
     else:
         sys.stdout.write(text)
 
@@ -233,7 +243,7 @@ def reference_build(
         _fail(str(e))
     out.print(f"{task}: sha256 {digest}\n  at {path}\n  "
               + ("matches the task's published reference" if canonical
-                 else "differs from the task's published reference (results made on it will say so)"))
+                 else "differs from the task's published reference (results made on it will say so)"), markup=False)
 
 
 class Executor(str, Enum):
@@ -268,11 +278,11 @@ def sweep(
             runs, notes = expand(spec, budget)
             todo, skipped = plan(runs, results_dir, retry_failed)
             for n in notes:
-                err.print(f"[yellow]note:[/] {n}", highlight=False)
+                err.print(f"[yellow]note:[/] {escape(n)}", highlight=False)
             for o in skipped:
-                out.print(f"skip  {o.spec.label()}  ({o.note}: {o.path})", highlight=False)
+                out.print(f"skip  {o.spec.label()}  ({o.note}: {o.path})", highlight=False, markup=False)
             for r in todo:
-                out.print(f"run   {r.label()}  config {r.config_hash[:12]}", highlight=False)
+                out.print(f"run   {r.label()}  config {r.config_hash[:12]}", highlight=False, markup=False)
             out.print(f"{len(runs)} runs: {len(todo)} to run, {len(skipped)} skipped")
             return
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl-C
@@ -288,7 +298,7 @@ def sweep(
     out.print(summary_table(report))
     for o in report.outcomes:
         if o.status in ("failed", "error") and o.note:
-            err.print(f"[red]{o.status}[/] {o.spec.label()}:", highlight=False)
+            err.print(f"[red]{o.status}[/] {escape(o.spec.label())}:", highlight=False)
             err.print(o.note, highlight=False, markup=False)
     if report.interrupted:
         err.print("[yellow]interrupted:[/] finished runs kept their records and nothing partial was written; "
@@ -319,20 +329,22 @@ def reproduce(
     from bench.progress import RichReporter
     from bench.reproduce import ReproduceRefused, checks_table, reproduce as do_reproduce, verification_path
 
-    warnings.showwarning = lambda message, *a, **k: err.print(f"[yellow]warning:[/] {message}", highlight=False)
+    warnings.showwarning = lambda message, *a, **k: err.print(f"[yellow]warning:[/] {escape(str(message))}",
+                                                              highlight=False)
     try:
         ok, checks, v, diffs = do_reproduce(result, force=force, quality_rule=quality.value, by=by,
                                             reporter=RichReporter(err), speed_tolerance=speed_tolerance)
     except ReproduceRefused as e:
         _fail(f"not reproduced: {e}")
     for d in diffs:
-        err.print(f"[yellow]forced past a version difference:[/] {d}", highlight=False)
-    out.print(checks_table(checks, f"Reproducing {result}"))
+        err.print(f"[yellow]forced past a version difference:[/] {escape(d)}", highlight=False)
+    out.print(checks_table(checks, escape(f"Reproducing {result}")))
     if not ok:
         bad = [c.name for c in checks if not c.ok]
         _fail(f"NOT verified: the re-run does not match the record ({', '.join(bad)}); nothing was written",
               code=1)
-    out.print(f"[green]verified[/] by {v.verified_by} on {v.machine.cpu_model}: wrote {verification_path(result)}",
+    out.print(f"[green]verified[/] " + escape(f"by {v.verified_by} on {v.machine.cpu_model}: wrote "
+                                              f"{verification_path(result)}"),
               highlight=False)
 
 

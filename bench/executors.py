@@ -12,6 +12,12 @@ that) and as many CPUs as the profile's threads.
 
 Runs that share reference work (a task's trained reference, the reference's cached evaluation) do not race:
 `bench.cache` builds each entry under a file lock, so the first run builds and the others wait, then read.
+
+An interrupted Ray sweep leaves no temporary folder behind: the running tasks are first cancelled gently (Ray
+raises KeyboardInterrupt in them, so each stops its worker and removes its folder), and only those still
+running after `STOP_GRACE_S` are killed. A task killed outright cannot clean up, so on the driver's own node
+(a local Ray, the default) every task's folder lies inside one folder of the driver's, removed when the sweep
+ends however it ends.
 """
 
 from __future__ import annotations
@@ -140,12 +146,17 @@ class LocalExecutor:
 
 
 def ray_task(spec: dict[str, Any]) -> dict[str, Any]:
-    """Runs on a Ray worker: one `bench.worker` process writing into a temporary folder; returns the record."""
+    """Runs on a Ray worker: one `bench.worker` process writing into a temporary folder; returns the record.
+
+    The folder is made inside the driver's folder (`tmp_parent`) when this node has it (the driver's own node),
+    else in this node's temporary folder; it is removed when the task ends, interrupted included."""
     import shutil
     import subprocess
     import tempfile
 
-    tmp = tempfile.mkdtemp(prefix="bench-ray-")
+    spec = dict(spec)
+    parent = spec.pop("tmp_parent", None)
+    tmp = tempfile.mkdtemp(prefix="bench-ray-", dir=parent if parent and os.path.isdir(parent) else None)
     try:
         spec = {**spec, "results_dir": tmp}
         proc = subprocess.run(worker.command(spec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -198,8 +209,12 @@ class RayExecutor:
                     ray.init(num_cpus=self.jobs or os.cpu_count() or 1, **opts)
             except Exception as e:  # noqa: BLE001 - Ray raises many types; say which address failed
                 raise ExecutorError(f"could not start or reach Ray (address {self.address or 'local'}): {e}") from e
+        import shutil
+        import tempfile
+
         remote = ray.remote(ray_task)
         refs: dict[Any, tuple[RunSpec, float]] = {}
+        tmp_parent = tempfile.mkdtemp(prefix="bench-ray-sweep-")  # the tasks' folders on this node (see above)
         try:
             for spec in specs:
                 gpus = self.resources.num_gpus
@@ -208,7 +223,8 @@ class RayExecutor:
                 cpus = self.resources.num_cpus if self.resources.num_cpus is not None else spec.threads
                 ref = remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                      name=f"bench {spec.method} {spec.task} seed {spec.seed}"
-                                     ).remote(spec.worker_spec(Path("."), shared_cores=cpus < spec.threads))
+                                     ).remote({**spec.worker_spec(Path("."), shared_cores=cpus < spec.threads),
+                                               "tmp_parent": tmp_parent})
                 refs[ref] = (spec, time.perf_counter())
                 if started is not None:
                     started(spec)
@@ -226,12 +242,28 @@ class RayExecutor:
                             continue
                         finished(self._write(spec, payload, root, time.perf_counter() - t0))
             except KeyboardInterrupt:
-                for r in pending:
-                    ray.cancel(r, force=True)  # kills the Ray worker; its bench.worker follows (PDEATHSIG)
+                stop_tasks(ray, pending)
                 raise
         finally:
             if started_here:
                 ray.shutdown()
+            shutil.rmtree(tmp_parent, ignore_errors=True)
+
+
+def stop_tasks(ray, refs: list, grace_s: float = STOP_GRACE_S) -> None:
+    """Cancel running Ray tasks so that they clean up: gently first (KeyboardInterrupt in the task: its worker is
+    stopped and its temporary folder removed), then, after `grace_s`, by killing the ones still running (whose
+    worker follows its parent, PR_SET_PDEATHSIG)."""
+    if not refs:
+        return
+    for r in refs:
+        ray.cancel(r, force=False)
+    try:
+        _, still = ray.wait(list(refs), num_returns=len(refs), timeout=grace_s)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+        still = list(refs)
+    for r in still:
+        ray.cancel(r, force=True)
 
 
 def make_executor(name: str, jobs: int | None = None, address: str | None = None,

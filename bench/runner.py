@@ -1,8 +1,12 @@
 """One run, end to end: resolve, check the machine, load, evaluate, apply, measure side by side, write.
 
-Names, overrides and (under `--strict`) the profile are checked before any work, and a mistake there writes
-nothing. Once work has started, any exception still produces a record with `status: failed`, the error and
-its traceback, so a sweep sees what broke; Ctrl-C writes nothing. Every file is written atomically.
+Names, overrides and (under `--strict`) the profile are checked before any work, then the preflight
+(`bench.preflight`: the results folder and the cache writable, the seed in range, the profile possible on this
+machine, the task's data and models at hand); a mistake there writes nothing. Once work has started, any
+exception still produces a record with `status: failed`, the error and its traceback (paths in it relative to
+the repository or the Python installation, `bench.tracepaths`: a record is published, the contributor's folders
+are not), so a sweep sees what broke; Ctrl-C writes nothing and says which step it stopped (`RunInterrupted`).
+Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -11,20 +15,22 @@ import os
 import secrets
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import __version__, cache, registry
+from bench import __version__, cache, preflight, registry
 from bench.config import to_jsonable
 from bench.hardware import ProfileMismatch, busy_warning, detect_machine, match_profile
 from bench.profiles import load_profile
 from bench.progress import Reporter
+from bench.tracepaths import relative_paths
 from bench.provenance import config_hash, provenance
 from bench.result import (Compute, Control, Cost, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
                           ProfileInfo, Quality, Result, Secondary, Size, SizeOf, TaskInfo)
 from bench.store import DEFAULT_RESULTS, write_result
-from bench.api import Evaluation, RunContext
+from bench.api import Evaluation, RunContext, offers
 
 
 @dataclass
@@ -66,7 +72,22 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
         overrides: dict[str, str] | None = None, strict: bool = False, results_root: Path = DEFAULT_RESULTS,
         reporter: Reporter | None = None, budget: str = "full", argv: list[str] | None = None,
         processes: int = 1) -> RunOutcome:
-    reporter = reporter or Reporter()
+    """Run `method_name` on `task_name` and write its record (see the module docstring). Raises the resolving
+    errors and `PreflightError` (nothing written), `RunFailed` (a failed record written) or `RunInterrupted`."""
+    reporter = _Tracking(reporter or Reporter())
+    try:
+        return _run(task_name, method_name, profile_name, seed, overrides, strict, Path(results_root), reporter,
+                    budget, argv, processes)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        doing = reporter.interrupted_in or (f"the run, after {reporter.last[:1].lower() + reporter.last[1:]}"
+                                            if reporter.last else "starting the run")
+        raise RunInterrupted(doing, task_name, method_name) from None
+
+
+def _run(task_name, method_name, profile_name, seed, overrides, strict, results_root, reporter, budget, argv,
+         processes) -> RunOutcome:
     # --- resolve: every mistake here is the user's, and writes nothing ------------------------------------
     tspec = registry.get_task_spec(task_name)
     mspec = registry.get_method_spec(method_name)
@@ -78,18 +99,24 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
     mismatches = match_profile(profile, machine)
     if mismatches and strict:
         raise ProfileMismatch("; ".join(mismatches))
+    ctx = RunContext(profile=profile, seed=seed, progress=reporter, device=profile.device, dtype=profile.dtype,
+                     batch_size=profile.batch_for(tspec.modality), budget=budget)
+    task = tspec.cls()
+    uses = frozenset(c for r in registry.requirements(mspec, tspec.modality)
+                     for c in (r if isinstance(r, tuple) else (r,)) if offers(task, c))
+    # --- preflight: what would fail later for a reason found now; raises PreflightError, writes nothing ---
+    preflight.check(seed=seed, profile=profile, machine=machine, task=task, ctx=ctx, uses=uses,
+                    results_folder=results_root / profile.name / tspec.name / mspec.name)
     for m in mismatches:
         warnings.warn(f"profile mismatch: {m} (the result records it; --strict makes this an error)",
-                      stacklevel=2)
+                      stacklevel=3)
     if busy := busy_warning(machine):
-        warnings.warn(busy, stacklevel=2)
+        warnings.warn(busy, stacklevel=3)
 
     cfg_hash = config_hash(tspec.name, tspec.version, mspec.name, mspec.version, hparams, profile.name, seed,
                            __version__)
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{cfg_hash[:8]}-{secrets.token_hex(2)}"
-    ctx = RunContext(profile=profile, seed=seed, progress=reporter, device=profile.device, dtype=profile.dtype,
-                     batch_size=profile.batch_for(tspec.modality), budget=budget)
     common = dict(
         run_id=run_id, created_at=now.isoformat(timespec="seconds"), seed=seed, budget=budget,
         method=MethodInfo(name=mspec.name, family=mspec.family, version=mspec.version, hyperparameters=hparams,
@@ -103,7 +130,6 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
                          data_fingerprint="", reference_sha256="", reference_canonical=False)
     try:
         setup_torch(profile, seed)
-        task = tspec.cls()
         with reporter.step(f"Loading {tspec.name}"):
             task.load(ctx)
         ref_w = task.reference_weights(ctx)
@@ -119,11 +145,71 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
         raise
     except Exception as e:  # noqa: BLE001 - any failure becomes a failed record, then propagates
         result = Result(status="failed", task=task_info, **common,
-                        error=ErrorInfo(type=type(e).__name__, message=str(e), traceback=traceback.format_exc()))
-        path = write_result(result, results_root)
+                        error=ErrorInfo(type=type(e).__name__, message=relative_paths(str(e)),
+                                        traceback=relative_paths(traceback.format_exc())))
+        path = _write(result, results_root)
         raise RunFailed(result, path) from e
-    path = write_result(result, results_root)
-    return RunOutcome(result, path)
+    return RunOutcome(result, _write(result, results_root))
+
+
+class RecordNotWritten(OSError):
+    """The results folder refused the record after the run (the disk filled up while it ran): the record was
+    kept in the temporary folder instead, and the message says where, so the work is not lost."""
+
+
+def _write(result: Result, root: Path) -> Path:
+    try:
+        return write_result(result, root)
+    except OSError as e:
+        import tempfile
+
+        from bench.store import atomic_write_text
+
+        kept = Path(tempfile.gettempdir()) / f"bench-unwritten-{result.run_id}.json"
+        try:
+            atomic_write_text(kept, result.to_json())
+            where = f"it was kept at {kept}; move it to {root / result.relpath()} once there is room"
+        except OSError:
+            where = "and it could not be kept in the temporary folder either"
+        raise RecordNotWritten(f"the record could not be written under {root}: {e.strerror or e}; {where}") from e
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM in a worker) during a run, saying which step it stopped. Nothing was written: the
+    record is written only at the end, and every cache entry is complete or absent. A KeyboardInterrupt, so
+    whoever stops on Ctrl-C (the sweep worker, the executors) stops on this too."""
+
+    def __init__(self, doing: str, task: str, method: str):
+        self.doing, self.task, self.method = doing, task, method
+        super().__init__(f"interrupted while {doing} ({method} on {task}): nothing was written, no record and no "
+                         f"partial cache entry; the same command starts it again")
+
+
+class _Tracking(Reporter):
+    """The run's reporter, remembering which steps were under way when an exception left them (`doing`)."""
+
+    def __init__(self, inner: Reporter):
+        self.inner = inner
+        self.open: list[str] = []
+        self.last: str | None = None  # the last step entered
+        self.interrupted_in: str | None = None
+
+    def log(self, message: str) -> None:
+        self.inner.log(message)
+
+    @contextmanager
+    def step(self, description: str, total: int | None = None):
+        self.open.append(description)
+        self.last = description
+        try:
+            with self.inner.step(description, total) as advance:
+                yield advance
+        except BaseException:
+            if self.interrupted_in is None:  # the innermost step sees it first
+                self.interrupted_in = " > ".join(d[:1].lower() + d[1:] for d in self.open)
+            raise
+        finally:
+            self.open.pop()
 
 
 class RunFailed(RuntimeError):

@@ -332,10 +332,11 @@ class SweepDisplay:
                 f"skipped {self.skipped}")
 
     def begin(self, total: int, skipped: list[Outcome], notes: list[str]) -> None:
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         for n in notes:
-            self.console.print(f"[yellow]note:[/] {n}", highlight=False)
+            self.console.print(f"[yellow]note:[/] {escape(n)}", highlight=False)
         self.skipped = len(skipped)
         self.console.print(f"{total} runs in the sweep; {len(skipped)} already have a record (skipped), "
                            f"{total - len(skipped)} to run", highlight=False)
@@ -353,8 +354,10 @@ class SweepDisplay:
         self.counts[o.status] = self.counts.get(o.status, 0) + 1
         self.progress.update(self.task, advance=1, description=self._describe())
         colour = {"ok": "green", "interrupted": "yellow"}.get(o.status, "red")
-        self.progress.console.print(f"[{colour}]{o.status:>6}[/] {o.spec.label()}  {_numbers(o)}  "
-                                    f"({o.seconds:.1f} s)", highlight=False)
+        from rich.markup import escape
+
+        self.progress.console.print(f"[{colour}]{o.status:>6}[/] " + escape(f"{o.spec.label()}  {_numbers(o)}  "
+                                                                          f"({o.seconds:.1f} s)"), highlight=False)
 
     def end(self, seconds: float) -> None:
         if self.progress is not None:
@@ -371,6 +374,7 @@ def _numbers(o: Outcome) -> str:
 
 
 def summary_table(report: SweepReport):
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"Sweep: {report.count('ok')} ok, {report.count('failed') + report.count('error')} failed, "
@@ -387,6 +391,6 @@ def summary_table(report: SweepReport):
         hp = ", ".join(f"{k}={v}" for k, v in o.spec.overrides.items())
         where = o.path.name if o.path else ""
         note = o.note.splitlines()[0] if o.note else ""
-        t.add_row(o.status, o.spec.task, o.spec.method, hp, str(o.spec.seed), q, s,
-                  (where + ("\n" if where and note else "") + note))
+        t.add_row(o.status, o.spec.task, o.spec.method, escape(hp), str(o.spec.seed), q, s,
+                  escape(where + ("\n" if where and note else "") + note))  # a cell is markup: the text is not
     return t

@@ -31,6 +31,19 @@ class Task(ABC):
     # task has no committed artifact (a full task whose reference the user downloads or trains).
     reference_sha256: ClassVar[str | None] = None
 
+    # ---- what the task needs -----------------------------------------------------------------------------
+    def preflight(self, ctx: RunContext, uses: frozenset[type] = frozenset()) -> list[str]:
+        """What would stop this task from running here, as sentences that say what to do; empty when nothing.
+
+        Called by the runner before any work (`bench.preflight`), so a problem is refused at once with exit 2
+        and no record instead of failing after minutes of loading. It must be quick and load nothing: check
+        that configured files and folders exist, that what comes from the network can be downloaded
+        (`bench.preflight.hub()`) or is cached locally, naming the environment variable that points the task
+        at a local copy, and that the profile sets what the task reads from it. `uses`: the capabilities the
+        method declares it reads (`bench.api`), so a part only some methods use (a draft model) is checked
+        only for them. An embedded task needs nothing beyond the package: the default says so."""
+        return []
+
     # ---- data ---------------------------------------------------------------------------------------------
     @abstractmethod
     def load(self, ctx: RunContext) -> None:

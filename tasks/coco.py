@@ -191,6 +191,20 @@ class Coco(LatentDiffusionTask):
     def pipeline_kwargs(self) -> dict:
         return {"safety_checker": None, "requires_safety_checker": False}
 
+    # ---- what the task needs -----------------------------------------------------------------------------
+    def preflight(self, ctx: RunContext, uses: frozenset[type] = frozenset()) -> list[str]:
+        """Besides the pipeline and the FID weights: the COCO captions (`BENCH_COCO_DATA`, a local folder: there
+        is no download) and the CLIP-score model (`BENCH_COCO_CLIP`)."""
+        from tasks._kit import pretrained
+
+        problems = super().preflight(ctx, uses)
+        try:
+            data_folder()
+        except (CocoDataNotFound, CocoDataError) as e:
+            problems.append(str(e))
+        clip = pretrained.source_problem(CLIP_ENV, CLIP_ID, "CLIP-score model")
+        return problems + ([clip] if clip else [])
+
     # ---- data ---------------------------------------------------------------------------------------------
     def load(self, ctx: RunContext | None = None) -> None:
         if self._loaded:

@@ -107,26 +107,35 @@ MNLI = GlueSpec("mnli", "validation_matched", ("premise", "hypothesis"), ("entai
                 "textattack/bert-base-uncased-MNLI")
 
 
+def local_files(spec: GlueSpec) -> list[Path] | None:
+    """The parquet files of the evaluation split under `BENCH_GLUE_DATA` (checked), or None when it is unset (the
+    hub's nyu-mll/glue is read)."""
+    value = os.environ.get(DATA_ENV, "").strip()
+    if not value:
+        return None
+    folder = Path(value).expanduser().resolve() / spec.config
+    files = sorted(folder.glob(f"{spec.split}-*.parquet"))
+    if not files:
+        raise GlueDataNotFound(
+            f"GLUE {spec.config} data not found: no {folder}/{spec.split}-*.parquet ({DATA_ENV}={value}). "
+            f"{DATA_ENV} must hold the hub dataset {HUB_DATASET} in its own layout, e.g. "
+            f"{folder}/{spec.split}-00000-of-00001.parquet with columns {', '.join(spec.columns)}; get it with"
+            f"\n  hf download {HUB_DATASET} --repo-type dataset --include \"{spec.config}/*\" --local-dir "
+            f"{folder.parent}\nor unset {DATA_ENV} to read it from the hub.")
+    return files
+
+
 def load_split(spec: GlueSpec):
     """The evaluation split as a `datasets.Dataset`: from the hub, or from `BENCH_GLUE_DATA`'s parquet files."""
     import datasets
 
     from bench import cache
 
-    value = os.environ.get(DATA_ENV, "").strip()
-    if not value:
+    files = local_files(spec)
+    if files is None:
         ds = datasets.load_dataset(HUB_DATASET, spec.config, split=spec.split)
         where = f"{HUB_DATASET} ({spec.config}, {spec.split})"
     else:
-        folder = Path(value).expanduser().resolve() / spec.config
-        files = sorted(folder.glob(f"{spec.split}-*.parquet"))
-        if not files:
-            raise GlueDataNotFound(
-                f"GLUE {spec.config} data not found: no {folder}/{spec.split}-*.parquet ({DATA_ENV}={value}). "
-                f"{DATA_ENV} must hold the hub dataset {HUB_DATASET} in its own layout, e.g. "
-                f"{folder}/{spec.split}-00000-of-00001.parquet with columns {', '.join(spec.columns)}; get it with"
-                f"\n  hf download {HUB_DATASET} --repo-type dataset --include \"{spec.config}/*\" --local-dir "
-                f"{folder.parent}\nor unset {DATA_ENV} to read it from the hub.")
         ds = datasets.load_dataset("parquet", data_files={spec.split: [str(f) for f in files]}, split=spec.split,
                                    cache_dir=str(cache.cache_dir() / "tasks" / "glue" / "hf-datasets"))
         where = ", ".join(str(f) for f in files)
@@ -187,6 +196,30 @@ class GlueTask(Pretrained, Task, TrainingSplit, Student, Augmentation, Tokenizer
     def __init__(self) -> None:
         self._loaded = False
         self._config = None
+
+    # ---- what the task needs -----------------------------------------------------------------------------
+    def preflight(self, ctx: RunContext, uses: frozenset[type] = frozenset()) -> list[str]:
+        """The validation split (`BENCH_GLUE_DATA`, else the hub's nyu-mll/glue) and the reference: local, cached
+        or downloadable."""
+        from bench import preflight
+
+        spec, problems = self.glue, []
+        try:
+            files = local_files(spec)
+        except GlueDataNotFound as e:
+            problems.append(str(e))
+        else:
+            net = preflight.hub() if files is None else None
+            if net is not None and not net.ok and not pretrained.dataset_cached(HUB_DATASET):
+                problems.append(
+                    f"the GLUE {spec.config} data is the hub dataset {HUB_DATASET}, which this machine cannot "
+                    f"reach ({net.why}), and the local Hugging Face cache has no copy of it. Set {DATA_ENV} to a local "
+                    f"copy in the hub's own layout (<folder>/{spec.config}/{spec.split}-*.parquet), made where there "
+                    f"is a network with\n  hf download {HUB_DATASET} --repo-type dataset --include "
+                    f"\"{spec.config}/*\" --local-dir <folder>")
+        problems.append(pretrained.source_problem(spec.reference_env, spec.reference,
+                                                  f"glue-{spec.config} reference"))
+        return [p for p in problems if p]
 
     # ---- data ---------------------------------------------------------------------------------------------
     def load(self, ctx: RunContext | None = None) -> None:

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     import torch
 
 LM_EVAL_TASK = "gsm8k"  # the name in lm-eval's default task registry
+HUB_DATASET = "openai/gsm8k"  # lm-eval's gsm8k.yaml dataset_path (the data source unless BENCH_GSM8K_DATA is set)
 REFERENCE_ID = "Qwen/Qwen2.5-1.5B-Instruct"
 DRAFT_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 DATA_ENV, REFERENCE_ENV, DRAFT_ENV = "BENCH_GSM8K_DATA", "BENCH_GSM8K_REFERENCE", "BENCH_GSM8K_DRAFT"
@@ -150,6 +151,30 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
 
     def __init__(self) -> None:
         self._loaded = False
+
+    # ---- what the task needs -----------------------------------------------------------------------------
+    def preflight(self, ctx: RunContext, uses: frozenset[type] = frozenset()) -> list[str]:
+        """The data (`BENCH_GSM8K_DATA`, else the hub's openai/gsm8k), the reference, and the draft when the
+        method reads it (as a draft, or as the architecture of a student): local, cached or downloadable."""
+        from bench import preflight
+
+        problems = []
+        try:
+            local = data_folder()
+        except GSM8KDataNotFound as e:
+            problems.append(str(e))
+        else:
+            net = preflight.hub() if local is None else None
+            if net is not None and not net.ok and not pretrained.dataset_cached(HUB_DATASET):
+                problems.append(
+                    f"the GSM8K data is the hub dataset {HUB_DATASET}, which this machine cannot reach ({net.why}), "
+                    f"and the local Hugging Face cache has no copy of it. Set {DATA_ENV} to a folder holding "
+                    f"{' and '.join(DATA_FILES)} as in the original release (github.com/openai/grade-school-math, "
+                    f"grade_school_math/data/)")
+        problems.append(pretrained.source_problem(REFERENCE_ENV, REFERENCE_ID, "gsm8k reference"))
+        if uses & {Draft, Student}:
+            problems.append(pretrained.source_problem(DRAFT_ENV, DRAFT_ID, "gsm8k draft"))
+        return [p for p in problems if p]
 
     # ---- data ---------------------------------------------------------------------------------------------
     def load(self, ctx: RunContext | None = None) -> None:

@@ -86,6 +86,34 @@ class ImagenetFid(LatentDiffusionTask):
     pipeline_class, backbone_attr = "DiTPipeline", "transformer"
     num_inference_steps, guidance_scale = STEPS, GUIDANCE
 
+    # ---- what the task needs -----------------------------------------------------------------------------
+    def preflight(self, ctx: RunContext, uses: frozenset[type] = frozenset()) -> list[str]:
+        """Besides the pipeline and the FID weights: the reference statistics (`BENCH_IMAGENET_FID_STATS`,
+        `BENCH_IMAGENET_VAL`, else ADM's reference batch: downloaded already, or downloadable)."""
+        from bench import preflight
+
+        problems = super().preflight(ctx, uses)
+        stats_file, folder = os.environ.get(STATS_ENV, "").strip(), os.environ.get(VAL_ENV, "").strip()
+        if stats_file:
+            if not Path(stats_file).expanduser().is_file():
+                problems.append(f"{STATS_ENV}={stats_file}: no such file (an .npz with `mu` and `sigma`, e.g. ADM's "
+                                f"{ADM_REFERENCE[256].rsplit('/', 1)[1]})")
+        elif folder:
+            if not Path(folder).expanduser().is_dir():
+                problems.append(f"{VAL_ENV}={folder}: no such folder (ImageNet validation images, .JPEG / .jpg / "
+                                f".png, any depth)")
+        else:
+            url = ADM_REFERENCE[256]  # DiT-XL-2-256's; another resolution is known only once the configs are read
+            path = data_root() / "imagenet-fid" / url.rsplit("/", 1)[1]
+            net = preflight.url_reachable(url) if not path.is_file() else None
+            if net is not None and not net.ok:
+                problems.append(
+                    f"the FID reference statistics are ADM's reference batch, downloaded on first use from {url}, "
+                    f"which this machine cannot reach ({net.why}), and there is no copy at {path}. Set {STATS_ENV} to "
+                    f"an .npz with mu and sigma, or {VAL_ENV} to a folder of ImageNet validation images, or put the "
+                    f"file at {path}")
+        return problems
+
     # ---- data ---------------------------------------------------------------------------------------------
     def load(self, ctx: RunContext | None = None) -> None:
         if self._loaded:

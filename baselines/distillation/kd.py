@@ -48,29 +48,28 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: f
 
 
 def student_without_teacher(task, ctx):
-    """The control: the task's student trained on labels alone, cached. Returns (model, seconds)."""
+    """The control: the task's student trained on labels alone, cached. Returns (model, seconds).
+
+    Its training time is cached in the same entry as its weights (`cache.cached_bundle`): an entry with either
+    part missing or damaged is trained again, so a cached control always reports what it really cost."""
     from bench import cache
     from tasks._kit.classification import fit, seed_everything
 
     path = (cache.task_dir(task) / "controls" /
             f"student-{cache.key(task.student_recipe, ctx.seed, ctx.budget, ctx.device)}.safetensors")
-    seconds = {"value": None}
 
-    def build() -> dict:
+    def build() -> tuple[dict, dict]:
         seed_everything(ctx.seed)
         model = task.build_student().to(ctx.device)
         stats = fit(model, task.training_split(), task.student_recipe, ctx, seed=ctx.seed,
                     description="Training the same student without the teacher (control, cached)",
                     augment=task.augment)
-        seconds["value"] = stats.seconds
-        return model.state_dict()
+        return model.state_dict(), {"seconds": stats.seconds}
 
-    state, _, _ = cache.cached_weights(path, build)
-    # its training time is kept beside the weights, so a cached control still reports what it cost
-    cost, _ = cache.cached_json(path.with_suffix(".cost.json"), lambda: {"seconds": seconds["value"]})
+    state, meta, _, _ = cache.cached_bundle(path, build)
     model = task.build_student()
     model.load_state_dict(state)
-    return model, cost["seconds"]
+    return model, meta["seconds"]
 
 
 @register_method("kd", family="distillation", paper="Hinton et al., Distilling the Knowledge in a Neural Network",

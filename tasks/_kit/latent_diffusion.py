@@ -49,6 +49,10 @@ SMOKE_EVAL_SIZE = 4  # images evaluated under --budget smoke
 SMOKE_WORKLOAD = 2  # images per timed call under --budget smoke
 FIDELITY_IMAGES = 64  # the first images, kept to compare with the reference's (SSIM)
 WORKLOAD_SEED = 10_000  # the timed batch's noise seed: run seed + WORKLOAD_SEED, disjoint from the evaluation's
+# torch-fidelity's Inception weights (`torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3`, a test keeps
+# the two equal), downloaded into torch's hub cache on first use: named here so the preflight need not import it
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
 
 
 def pipeline_hint(env: str) -> str:
@@ -57,11 +61,39 @@ def pipeline_hint(env: str) -> str:
 
 
 def data_root() -> Path:
-    """`$BENCH_DATA`, else `<bench cache>/data` (the convention of `tasks.cifar10`)."""
+    """`$BENCH_DATA`, else `<bench cache>/data` (the convention of `tasks.cifar10`). Not created: what writes
+    there creates it, and a preflight may ask before the cache exists."""
     from bench import cache
 
     env = os.environ.get("BENCH_DATA")
-    return Path(env).expanduser() if env else cache.cache_dir() / "data"
+    return Path(env).expanduser() if env else cache.cache_root() / "data"
+
+
+def fid_weights_problem() -> str | None:
+    """Why the FID features cannot be computed here, found without importing torch-fidelity: a `BENCH_FID_WEIGHTS`
+    file that does not exist, or the default Inception's weights neither in torch's hub cache nor downloadable."""
+    from bench import preflight
+    from tasks._kit import fid_stats
+
+    weights = os.environ.get(fid_stats.WEIGHTS_ENV, "").strip()
+    if weights:
+        if Path(weights).expanduser().is_file():
+            return None
+        return f"{fid_stats.WEIGHTS_ENV}={weights}: no such file (the FID feature extractor's weights)"
+    if (os.environ.get(fid_stats.EXTRACTOR_ENV, "").strip() or fid_stats.DEFAULT_EXTRACTOR) != "inception-v3-compat":
+        return None  # another extractor: its own download, not known here
+    import torch
+
+    name = INCEPTION_URL.rsplit("/", 1)[1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if cached.is_file():
+        return None
+    net = preflight.url_reachable(INCEPTION_URL)
+    if net.ok:
+        return None
+    return (f"FID needs torch-fidelity's Inception weights, downloaded on first use from {INCEPTION_URL}, which "
+            f"this machine cannot reach ({net.why}), and torch's hub cache has no copy ({cached}). Set "
+            f"{fid_stats.WEIGHTS_ENV} to a local copy of {name}, or put one at {cached}")
 
 
 def pipeline_source(env: str, default: str):
@@ -150,10 +182,37 @@ class LatentDiffusionTask(Task, Pipeline):
         self._kept: "tuple[dict, torch.nn.Module] | None" = None
         self.last_metrics: dict[str, float] = {}
 
+    # ---- what the task needs -----------------------------------------------------------------------------
+    def preflight(self, ctx: RunContext, uses: frozenset[type] = frozenset()) -> list[str]:
+        """The evaluation size (the profile's, unless smoke), the reference pipeline and the FID features'
+        weights; a subclass adds its data (`super().preflight(...) + ...`)."""
+        from tasks._kit import pretrained
+
+        problems = []
+        name, profile = self.spec.name, ctx.profile
+        if not ctx.budget.smoke and name not in profile.eval_size:
+            from bench.profiles import load_profile, profile_names
+
+            sizes = [f"{n} ({load_profile(n).eval_size[name]:,} images)" for n in profile_names()
+                     if name in load_profile(n).eval_size]
+            problems.append(
+                f"{name} evaluates as many images as the profile sets, and profile {profile.name!r} sets none (it "
+                f"has no `{name} = N` under [eval_size] in bench/profiles/{profile.name}.toml). Use a profile that "
+                f"does: {', '.join(sizes) or 'none yet'}; or --budget smoke, which generates {SMOKE_EVAL_SIZE} "
+                f"images on any profile (a check run, not a result)")
+        problems.append(pretrained.source_problem(self.reference_env, self.reference_id, f"{name} reference pipeline",
+                                                  marker="model_index.json", hint=pipeline_hint(self.reference_env),
+                                                  make=pipeline_source))
+        problems.append(fid_weights_problem())
+        return [p for p in problems if p]
+
     # ---- data ---------------------------------------------------------------------------------------------
     def eval_size(self, ctx: RunContext) -> int:
-        """Images per evaluation: the profile's `[eval_size]` entry for this task (smoke: `SMOKE_EVAL_SIZE`)."""
-        return ctx.budget.pick(ctx.profile.eval_size_for(self.spec.name), SMOKE_EVAL_SIZE)
+        """Images per evaluation: the profile's `[eval_size]` entry for this task (smoke: `SMOKE_EVAL_SIZE`, on
+        any profile, whether or not it sets a size)."""
+        if ctx.budget.smoke:
+            return SMOKE_EVAL_SIZE
+        return ctx.profile.eval_size_for(self.spec.name)
 
     def data_fingerprint(self) -> str:
         from tasks._kit import fid_stats

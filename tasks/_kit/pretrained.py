@@ -65,6 +65,56 @@ def model_source(env: str, default: str) -> ModelSource:
     return ModelSource(env, value, repo, revision or None, False)
 
 
+def in_hub_cache(repo_id: str, filename: str, revision: str | None = None, repo_type: str = "model") -> bool:
+    """Whether `filename` of a hub repository is in the local Hugging Face cache (`HF_HOME`), found without the
+    network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision, repo_type=repo_type), str)
+    except ValueError:  # a malformed repository id: the load will say so
+        return False
+
+
+def dataset_cached(repo_id: str) -> bool:
+    """Whether a hub dataset has a local copy: its files in the hub cache, or `datasets`' prepared copy."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    hub_copy = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
+    prepared = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets") \
+        / repo_id.replace("/", "___")
+    return hub_copy.is_dir() or prepared.is_dir()
+
+
+def source_problem(env: str, default: str, what: str, marker: str = "config.json", hint: str | None = None,
+                   make=None) -> str | None:
+    """Why the model configured by `env` cannot be loaded here, found without loading it (a task's preflight);
+    None when it can: a local folder that holds `marker`, or a hub id that the hub can serve now or the local
+    Hugging Face cache holds. `make(env, default)` resolves the source (default `model_source`); `hint` says
+    what a local copy is (default `ModelSource.hint`)."""
+    from bench import preflight
+
+    try:
+        source = (make or model_source)(env, default)
+    except PretrainedNotFound as e:
+        return str(e)
+    hint = hint or source.hint()
+    if source.local:
+        if not (Path(source.path) / marker).is_file():
+            return f"{env}={source.value}: the folder has no {marker}, so it is not a copy of the {what}. {hint}"
+        return None
+    net = preflight.hub()
+    if net.ok or in_hub_cache(source.path, marker, source.revision):
+        return None
+    name = f"{source.path}@{source.revision}" if source.revision else source.path
+    return (f"the {what} is {name} on the Hugging Face hub, which this machine cannot reach ({net.why}), and the "
+            f"local Hugging Face cache has no copy of it. {hint}")
+
+
 def load_model(auto_class, source: ModelSource, what: str, **kwargs):
     """`auto_class.from_pretrained` in the checkpoint's own dtype, with an error that names the variable."""
     try:
