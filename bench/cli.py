@@ -319,10 +319,12 @@ def reproduce(
     quality: Annotated[QualityRule, typer.Option(help="exact: equal for the fixed seed; interval: inside the "
                                                      "record's interval (noisy metrics)")] = QualityRule.exact,
     by: Annotated[Optional[str], typer.Option(help="who verifies (default: git user.name, else the login)")] = None,
-    speed_tolerance: Annotated[float, typer.Option(min=0, max=1, help="widen both speedup intervals by this "
-                                                                      "share before the overlap test (recorded)")] = 0.0,
+    speed_tolerance: Annotated[float, typer.Option(min=0, max=1, help="widen the re-run's speedup interval by "
+                                                                      "this share where it is larger than the "
+                                                                      "profile's precision target (recorded)")] = 0.0,
 ) -> None:
-    """Re-run a record's exact configuration, compare quality (exactly) and speed (intervals overlap), and on
+    """Re-run a record's exact configuration, compare quality (exactly) and speed (the record's speedup inside
+    the re-run's interval, widened by the profile's precision target; the re-run's speed must be ok), and on
     success write <run-id>.verified.json beside it. Exit 1 on a mismatch, 2 when it refuses to run."""
     import warnings
 
