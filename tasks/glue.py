@@ -201,22 +201,18 @@ class GlueTask(Pretrained, Task, TrainingSplit, Student, Augmentation, Tokenizer
     def preflight(self, ctx: RunContext, uses: frozenset[type] = frozenset()) -> list[str]:
         """The validation split (`BENCH_GLUE_DATA`, else the hub's nyu-mll/glue) and the reference: local, cached
         or downloadable."""
-        from bench import preflight
-
         spec, problems = self.glue, []
         try:
             files = local_files(spec)
         except GlueDataNotFound as e:
             problems.append(str(e))
         else:
-            net = preflight.hub() if files is None else None
-            if net is not None and not net.ok and not pretrained.dataset_cached(HUB_DATASET):
-                problems.append(
-                    f"the GLUE {spec.config} data is the hub dataset {HUB_DATASET}, which this machine cannot "
-                    f"reach ({net.why}), and the local Hugging Face cache has no copy of it. Set {DATA_ENV} to a local "
-                    f"copy in the hub's own layout (<folder>/{spec.config}/{spec.split}-*.parquet), made where there "
-                    f"is a network with\n  hf download {HUB_DATASET} --repo-type dataset --include "
-                    f"\"{spec.config}/*\" --local-dir <folder>")
+            if files is None:
+                problems.append(pretrained.dataset_problem(
+                    HUB_DATASET, f"GLUE {spec.config}",
+                    f"Set {DATA_ENV} to a local copy in the hub's own layout (<folder>/{spec.config}/{spec.split}-*"
+                    f".parquet), made where there is a network with\n  hf download {HUB_DATASET} --repo-type "
+                    f"dataset --include \"{spec.config}/*\" --local-dir <folder>"))
         problems.append(pretrained.source_problem(spec.reference_env, spec.reference,
                                                   f"glue-{spec.config} reference"))
         return [p for p in problems if p]

@@ -156,21 +156,17 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
     def preflight(self, ctx: RunContext, uses: frozenset[type] = frozenset()) -> list[str]:
         """The data (`BENCH_GSM8K_DATA`, else the hub's openai/gsm8k), the reference, and the draft when the
         method reads it (as a draft, or as the architecture of a student): local, cached or downloadable."""
-        from bench import preflight
-
         problems = []
         try:
             local = data_folder()
         except GSM8KDataNotFound as e:
             problems.append(str(e))
         else:
-            net = preflight.hub() if local is None else None
-            if net is not None and not net.ok and not pretrained.dataset_cached(HUB_DATASET):
-                problems.append(
-                    f"the GSM8K data is the hub dataset {HUB_DATASET}, which this machine cannot reach ({net.why}), "
-                    f"and the local Hugging Face cache has no copy of it. Set {DATA_ENV} to a folder holding "
-                    f"{' and '.join(DATA_FILES)} as in the original release (github.com/openai/grade-school-math, "
-                    f"grade_school_math/data/)")
+            if local is None:
+                problems.append(pretrained.dataset_problem(
+                    HUB_DATASET, "GSM8K",
+                    f"Set {DATA_ENV} to a folder holding {' and '.join(DATA_FILES)} as in the original release "
+                    f"(github.com/openai/grade-school-math, grade_school_math/data/)"))
         problems.append(pretrained.source_problem(REFERENCE_ENV, REFERENCE_ID, "gsm8k reference"))
         if uses & {Draft, Student}:
             problems.append(pretrained.source_problem(DRAFT_ENV, DRAFT_ID, "gsm8k draft"))

@@ -90,6 +90,19 @@ def dataset_cached(repo_id: str) -> bool:
     return hub_copy.is_dir() or prepared.is_dir()
 
 
+def dataset_problem(repo_id: str, what: str, remedy: str) -> str | None:
+    """Why the hub dataset `repo_id` cannot be read here, found without reading it (a task's preflight, when no
+    local copy is configured); None when the hub answers or the local cache has a copy. `remedy` says how to
+    point the task at a local copy (its environment variable and the layout it expects)."""
+    from bench import preflight
+
+    net = preflight.hub()
+    if net.ok or dataset_cached(repo_id):
+        return None
+    return (f"the {what} data is the hub dataset {repo_id}, which this machine cannot reach ({net.why}), and the "
+            f"local Hugging Face cache has no copy of it. {remedy}")
+
+
 def source_problem(env: str, default: str, what: str, marker: str = "config.json", hint: str | None = None,
                    make=None) -> str | None:
     """Why the model configured by `env` cannot be loaded here, found without loading it (a task's preflight);
