@@ -9,18 +9,25 @@ path its fields name) are checked by `invariant_errors`.
 from __future__ import annotations
 
 import math
+import re
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA = "bench.result/1"
 SCHEMA_FILE = Path(__file__).parent / "schema" / "result-1.schema.json"
 _NAME = r"^[a-z0-9][a-z0-9._-]*$"  # task, method and profile names: also path components, so no '/' or '..'
+MAX_RECORD_BYTES = 1 << 20  # a record file's size limit (bench.store reads no more); real ones are under 10 KB
+MAX_DEPTH = 32  # objects and arrays within each other; a record nests 5 or 6 deep
 
 
 class _M(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every number of a record is finite: JSON has no NaN or Infinity (Python writes them as bare tokens that
+    # browsers' JSON.parse refuses, and a page would read "speedup inf x"), and no comparison means anything
+    # with them. A run that produces one fails, naming the field, instead of writing it.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Machine(_M):
@@ -50,6 +57,20 @@ class TaskInfo(_M):
     reference_canonical: bool = Field(description="True when those weights are the task's published artifact")
 
 
+def _non_finite(value: Any, at: str = "") -> str | None:
+    """Where a free-form value (hyper-parameters) holds NaN or an infinity, or None; iterative."""
+    stack = [(value, at)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return where or "(value)"
+        if isinstance(v, dict):
+            stack += [(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    return None
+
+
 class MethodInfo(_M):
     name: str = Field(pattern=_NAME)
     family: Literal["distillation", "caching", "pruning", "decoding", "none"]
@@ -58,6 +79,14 @@ class MethodInfo(_M):
     paper: str
     year: int | None = None
     url: str = ""
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _finite_hyperparameters(cls, v: dict[str, Any]) -> dict[str, Any]:
+        where = _non_finite(v)
+        if where is not None:
+            raise ValueError(f"{where} is not a finite number (a record holds finite numbers only)")
+        return v
 
 
 class ProfileInfo(_M):
@@ -243,6 +272,9 @@ class ErrorInfo(_M):
 
 
 class Result(_M):
+    """One run's record. Beyond this schema, a reader accepts a file only when it is a regular UTF-8 file of at
+    most 1 MiB, nested at most 32 levels, every number finite (JSON has no NaN or Infinity), each key once per
+    object, and its commands name no absolute path."""
     schema_: Literal["bench.result/1"] = Field(SCHEMA, alias="schema")
     run_id: str = Field(pattern=r"^[0-9A-Za-z_-]+$")
     created_at: str
@@ -266,7 +298,7 @@ class Result(_M):
     cost: Cost | None = None
     provenance: Provenance
     error: ErrorInfo | None = None
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _status_fields(self) -> "Result":
@@ -294,6 +326,20 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
+_ABSOLUTE = re.compile(r"^(?:/|~/|~$|[A-Za-z]:[\\/]|\\\\)")  # POSIX, home, Windows drive, UNC
+
+
+def absolute_paths(command: str) -> list[str]:
+    """The arguments of a command line that are absolute paths (or hold one after `=`, as `--opt=/x`). The
+    program itself is left to the writer (`bench.provenance.portable_command` makes it `bench`): it names an
+    installation, not anyone's files, and a record made under a test runner carries the runner's."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: judge the plain words
+        words = command.split()
+    return [w for w in words[1:] if _ABSOLUTE.match(w) or ("=" in w and _ABSOLUTE.match(w.split("=", 1)[1]))]
+
+
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
@@ -316,6 +362,13 @@ def invariant_errors(r: Result, path: Path | None = None, results_root: Path | N
             so = getattr(r.size, arm)
             if so.nonzero_parameters > so.parameters:
                 errs.append(f"size.{arm}.nonzero_parameters {so.nonzero_parameters} > parameters {so.parameters}")
+    for field, command in (("provenance.command", r.provenance.command),
+                           ("speed.remeasured.command", r.speed.remeasured.command
+                            if r.speed and r.speed.remeasured else None)):
+        local = absolute_paths(command or "")
+        if local:
+            errs.append(f"{field} holds the absolute path {local[0]!r}: a record names files relative to the "
+                        f"results tree or the repository, never a folder of the machine that made it")
     from bench.provenance import config_hash
 
     expected = config_hash(r.task.name, r.task.version, r.method.name, r.method.version,

@@ -2,18 +2,23 @@
 
 A *full* task: the data is the real CIFAR-10 in its python-pickle folder `cifar-10-batches-py`
 (data_batch_1..5, test_batch, batches.meta) under `$BENCH_DATA` (default `<bench cache>/data`), 50,000
-train / 10,000 test images, read through `torchvision.datasets.CIFAR10`. Nothing is downloaded at run time:
-a missing folder is an error that names the one-liner to download it once. Training the reference takes
-tens of minutes of a GPU, so use a GPU profile (`--profile h100-bf16`); on a CPU the full recipe takes days, so there the CPU
-profile is for test fixtures and `--budget smoke` (20 steps of each training).
+train / 10,000 test images, the files and md5s of `torchvision.datasets.CIFAR10`, read as it reads them (but
+without unpickling: below). Nothing is downloaded at run time: a missing folder is an error that names the
+one-liner to download it once. Training the reference takes tens of minutes of a GPU, so use a GPU profile
+(`--profile h100-bf16`); on a CPU the full recipe takes days, so there the CPU profile is for test fixtures and
+`--budget smoke` (20 steps of each training).
 
 What torchvision lacked, and what this module adds around it:
 - its error ("Dataset not found or corrupted. You can use download=True") neither says where it looked nor
   which file is missing or corrupted, and suggests a download at run time; ours says both, with the command;
+- it reads the files with `pickle.load`, which runs whatever function a tampered file names, and only its md5
+  check stood in the way. Here they are read by a restricted unpickler (`read_batch`) that builds dicts,
+  lists, text and numbers, and uint8 arrays from their raw bytes (numpy's own unpickling never runs): a file
+  that names anything else is refused, naming it, and nothing in it runs;
 - its md5 check cannot be turned off (the meta file's check is hard-coded in `_load_meta`), so tests could
   not use small fixture files in the real format. `BENCH_CIFAR10_VERIFY=0` (or `verify_md5 = False` on a
-  subclass) checks that the files exist instead. Only do that for files you trust: the format is pickle, and
-  the md5 check is what stands between a tampered file and code execution;
+  subclass) is the explicit opt-in to check that the files exist instead: for copies you made yourself (or
+  fixtures). A file that is not CIFAR-10's is then read as far as the restricted unpickler allows, never run;
 - it yields one PIL image per item; we take its whole arrays at once as in-memory tensors, as `digits` does;
 - its models are ImageNet ResNets (7x7 stride-2 stem and a max-pool, which throw away most of a 32x32
   image); the CIFAR variant below swaps the stem for a 3x3 stride-1 conv and drops the max-pool.
@@ -71,33 +76,115 @@ def download_command(root: Path) -> str:
     return f"python -c \"import torchvision; torchvision.datasets.CIFAR10({str(root)!r}, download=True)\""
 
 
-def _dataset_class(verify: bool):
-    """torchvision's CIFAR10 with precise errors and an optional md5 check (see the module docstring)."""
+def _numpy_placeholders():
+    """What a CIFAR file's globals stand for while it is read: records of the arguments and state, from which
+    `_array` builds the array itself (so numpy's unpickling of a dtype or an array, which trusts its input,
+    never sees the file's)."""
+
+    class Dtype:
+        def __init__(self, spec, *args):
+            self.spec = spec
+
+        def __setstate__(self, state):
+            self.state = state
+
+    class Array:
+        def __init__(self, subtype, shape, code):
+            if subtype is not NdArray:
+                raise TypeError("an array of another type than numpy.ndarray")
+
+        def __setstate__(self, state):
+            self.state = state
+
+    class NdArray:  # numpy.ndarray as an argument only: calling it (an allocation of any size) fails
+        def __init__(self):
+            raise TypeError("numpy.ndarray called directly")
+
+    return Dtype, Array, NdArray
+
+
+def _array(a, what: str):
+    """A uint8 numpy array from an unpickled ndarray record: (version, shape, dtype, fortran, raw bytes)."""
+    import numpy as np
+
+    state = getattr(a, "state", None)
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise CIFAR10Corrupt(f"{what}: an array without its data")
+    shape, dtype, fortran, raw = state[-4:]
+    if getattr(dtype, "spec", None) not in ("u1", "|u1", "uint8"):
+        raise CIFAR10Corrupt(f"{what}: an array of {getattr(dtype, 'spec', dtype)!r}; CIFAR-10's images are uint8")
+    raw = raw.encode("latin1") if isinstance(raw, str) else raw
+    if (not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or not isinstance(raw, (bytes, bytearray)) or len(raw) != int(np.prod(shape, dtype=np.int64))):
+        raise CIFAR10Corrupt(f"{what}: an array whose shape {shape!r} does not match its data")
+    x = np.frombuffer(bytes(raw), dtype=np.uint8)
+    return (x.reshape(shape[::-1]).T if fortran else x.reshape(shape)).copy()
+
+
+def read_batch(path: Path) -> dict:
+    """One file of `cifar-10-batches-py` (Python 2 pickles: a dict of text, numbers, lists and uint8 arrays),
+    read without running anything from it: the unpickler knows four globals, numpy's array and dtype
+    reconstructors, each standing for a record of its arguments, and refuses every other one."""
     import pickle
 
+    Dtype, Array, NdArray = _numpy_placeholders()
+    known = {("numpy.core.multiarray", "_reconstruct"): Array, ("numpy._core.multiarray", "_reconstruct"): Array,
+             ("numpy", "ndarray"): NdArray, ("numpy", "dtype"): Dtype}
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in known:
+                return known[(module, name)]
+            raise CIFAR10Corrupt(f"{path} names {module}.{name}, which a CIFAR-10 file never holds: refused, and "
+                                 f"nothing in it was run (a tampered or foreign file; download CIFAR-10 again)")
+
+    try:
+        with open(path, "rb") as f:
+            entry = Restricted(f, encoding="latin1").load()
+    except CIFAR10Corrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a malformed pickle raises, it is a corrupt file
+        raise CIFAR10Corrupt(f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {e})") from None
+    if not isinstance(entry, dict):
+        raise CIFAR10Corrupt(f"{path} is not a CIFAR-10 batch file (it holds a {type(entry).__name__})")
+    return {k: _array(v, f"{path} [{k!r}]") if isinstance(v, Array) else v for k, v in entry.items()}
+
+
+def read_cifar10(folder: Path, verify: bool) -> tuple:
+    """(train images, train labels, test images, test labels, class names) of `cifar-10-batches-py`: images
+    uint8 N x 32 x 32 x 3 as torchvision holds them; every file md5-checked against torchvision's table first
+    when `verify`."""
+    import numpy as np
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import check_integrity
 
-    class _CIFAR10(CIFAR10):
-        def _check_integrity(self) -> bool:
-            folder = Path(self.root) / self.base_folder
-            bad = [name for name, md5 in self.train_list + self.test_list + [[self.meta["filename"],
-                                                                              self.meta["md5"]]]
-                   if not check_integrity(str(folder / name), md5 if verify else None)]
-            if bad:
-                raise CIFAR10Corrupt(
-                    f"CIFAR-10 file(s) {', '.join(bad)} in {folder} do not match torchvision's md5. Delete "
-                    f"{folder} and download it again with:\n  {download_command(Path(self.root))}")
-            return True
+    files = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    bad = [name for name, md5 in files if not check_integrity(str(folder / name), md5 if verify else None)]
+    if bad:
+        raise CIFAR10Corrupt(
+            f"CIFAR-10 file(s) {', '.join(bad)} in {folder} do not match torchvision's md5. Delete {folder} and "
+            f"download it again with:\n  {download_command(folder.parent)}")
 
-        def _load_meta(self) -> None:
-            if verify:
-                return super()._load_meta()
-            with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+    def split(names):
+        data, labels = [], []
+        for name, _ in names:
+            entry = read_batch(folder / name)
+            x, y = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+            if not isinstance(x, np.ndarray) or x.ndim != 2 or x.shape[1] != 3072 or not isinstance(y, list) \
+                    or len(y) != x.shape[0] or not all(isinstance(v, int) for v in y):
+                raise CIFAR10Corrupt(f"{folder / name} does not hold `data` (N x 3072 uint8) and N integer `labels`")
+            data.append(x)
+            labels += y
+        return np.vstack(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
-    return _CIFAR10
+    train_x, train_y = split(CIFAR10.train_list)
+    test_x, test_y = split(CIFAR10.test_list)
+    meta = read_batch(folder / CIFAR10.meta["filename"])
+    classes = meta.get(CIFAR10.meta["key"])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise CIFAR10Corrupt(f"{folder / CIFAR10.meta['filename']} does not hold the class names "
+                             f"(`{CIFAR10.meta['key']}`)")
+    return train_x, train_y, test_x, test_y, classes
 
 
 def _to_split(images, labels) -> Split:
@@ -170,11 +257,9 @@ class CIFAR10(ImageClassificationTask):
                 f"CIFAR-10 data not found: {what}. The cifar10 task never downloads at run time. Download it "
                 f"once (~170 MB) with:\n  {download_command(root)}\nor set BENCH_DATA to the directory that "
                 f"holds {BASE_FOLDER}/.")
-        cls = _dataset_class(self.verify)
-        train, test = cls(str(root), train=True), cls(str(root), train=False)
-        self.train = _to_split(train.data, train.targets)
-        self.test = _to_split(test.data, test.targets)
-        self.classes = list(train.classes)
+        train_x, train_y, test_x, test_y, self.classes = read_cifar10(folder, self.verify)
+        self.train = _to_split(train_x, train_y)
+        self.test = _to_split(test_x, test_y)
         for name, split in (("train", self.train), ("test", self.test)):
             if split.y.numel() and not (0 <= int(split.y.min()) and int(split.y.max()) < 10):
                 raise CIFAR10Corrupt(f"CIFAR-10 {name} labels outside 0..9 in {folder}")

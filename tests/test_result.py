@@ -85,3 +85,78 @@ def test_the_recorded_command_leaves_out_the_results_folder():
                              "digits"]) == ["bench", "run", "--method", "kd", "--task", "digits"]
     assert portable_command(["bench", "run", "--results-dir=/home/me/r", "--seed", "1"]) == \
         ["bench", "run", "--seed", "1"]
+
+
+# ---- finite numbers only, no local folders (issue 18, cases 3 and 4) -------------------------------------------
+
+def _committed() -> dict:
+    from pathlib import Path
+
+    return json.loads(sorted((Path(__file__).resolve().parents[1] / "results" / "cpu" / "digits" / "kd")
+                             .glob("*.json"))[0].read_text())
+
+
+def _set(d: dict, dotted: str, value) -> dict:
+    *head, last = dotted.split(".")
+    for k in head:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    d[last] = value
+
+
+@pytest.mark.parametrize("field", ["speed.speedup", "speed.interval.low", "speed.interval.high", "cost.seconds",
+                                   "fidelity.value", "quality.value", "quality.delta_interval.high",
+                                   "speed.reference.median_s", "speed.attempts.0.speedup", "compute.method",
+                                   "profile.detected.load_average_1m"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_the_model_refuses_non_finite_numbers_naming_the_field(field, value):
+    """A record built in Python (the runner) cannot hold NaN or an infinity either: it fails naming the field."""
+    from pydantic import ValidationError
+
+    d = _committed()
+    _set(d, field, value)
+    with pytest.raises(ValidationError, match="finite number") as e:
+        Result.model_validate(d)
+    assert any(".".join(map(str, err["loc"])) == field for err in e.value.errors()), e.value.errors()
+
+
+def test_hyperparameters_and_method_stats_are_finite_too():
+    from pydantic import ValidationError
+
+    d = _committed()
+    d["method"]["hyperparameters"]["schedule"] = {"steps": [1.0, float("nan")]}
+    with pytest.raises(ValidationError, match=r"schedule.steps\[1\] is not a finite number"):
+        Result.model_validate(d)
+    d = _committed()
+    d["method_stats"] = {"acceptance_rate": float("inf")}
+    with pytest.raises(ValidationError, match="method_stats.acceptance_rate"):
+        Result.model_validate(d)
+    assert Result.model_validate(_committed()).to_json().count("NaN") == 0
+
+
+@pytest.mark.parametrize("command, bad", [
+    ("bench run --method kd --task digits --results-dir /tmp/x", "/tmp/x"),
+    ("bench remeasure /home/me/results/cpu/digits/kd/r.json", "/home/me/results/cpu/digits/kd/r.json"),
+    ("bench run --method kd --task digits --set data=~/cifar", "data=~/cifar"),  # the home folder is local too
+    ("bench run --method kd --task digits --cache=/var/cache/bench", "--cache=/var/cache/bench"),
+    ("bench run --method kd --task digits --set structure=2:4", None),
+    ("bench remeasure results/cpu/digits/kd/r.json", None),
+    ("/usr/local/bin/pytest -q tests/test_result.py", None),  # the program is the writer's to name
+])
+def test_commands_with_absolute_paths_are_invariant_errors(command, bad):
+    from bench.result import absolute_paths, invariant_errors
+
+    assert absolute_paths(command) == ([bad] if bad else [])
+    d = _committed()
+    d["provenance"]["command"] = command
+    problems = invariant_errors(Result.model_validate(d))
+    assert any("provenance.command holds the absolute path" in p for p in problems) == bool(bad), problems
+
+
+def test_a_remeasured_command_with_an_absolute_path_is_an_invariant_error():
+    from bench.result import invariant_errors
+
+    d = _committed()
+    d["speed"]["remeasured"] = {"at": "2026-01-01T00:00:00+00:00", "bench_version": "0", "git_sha": None,
+                                "git_dirty": None, "command": "bench remeasure /root/work/results/x.json"}
+    assert any(p.startswith("speed.remeasured.command holds the absolute path '/root/work/results/x.json'")
+               for p in invariant_errors(Result.model_validate(d)))

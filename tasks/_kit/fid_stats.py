@@ -12,6 +12,15 @@ name another registered extractor and layer (the tests register a tiny one, Ince
 download); `BENCH_FID_WEIGHTS` is a local weights file for it (torch-fidelity's
 `feature_extractor_weights_path`; unset, torch-fidelity downloads Inception's weights on first use).
 
+Nothing is unpickled: torch-fidelity loads weights with `torch.load(..., weights_only=False)` (and its download
+through `torch.hub.load_state_dict_from_url`, whose default is the same), so a weights file or a download whose
+pickle names a function would run it. `create_extractor` builds the extractor with `torch.load` reading tensors
+only (`weights_only=True`, whatever torch-fidelity asks) or a safetensors file, and a file that holds anything
+else is refused (`UnsafeWeights`), naming the way out: save the state dict as safetensors. The extractors whose
+weights are code (`clip-*`: TorchScript archives; `dinov2-*`: a hub repository's code) are refused likewise.
+`BENCH_FID_UNSAFE_LOAD=1` is the explicit opt-in to load either as torch-fidelity does, for files and downloads
+you trust.
+
 torch-fidelity's `calculate_metrics` takes two image inputs and returns one number. The tasks need the
 generated images' features once more, for a per-image interval, and the reference side is often given as
 statistics only (ADM's ImageNet reference batch), which torch-fidelity 0.4.0 cannot take as an input. So the
@@ -37,6 +46,7 @@ by index, so the runner's paired interval of the FID difference is meaningful.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -46,12 +56,22 @@ if TYPE_CHECKING:
     import torch
 
 EXTRACTOR_ENV, LAYER_ENV, WEIGHTS_ENV = "BENCH_FID_EXTRACTOR", "BENCH_FID_FEATURE_LAYER", "BENCH_FID_WEIGHTS"
+UNSAFE_ENV = "BENCH_FID_UNSAFE_LOAD"  # =1: let torch-fidelity unpickle weights / load code (trusted files only)
+CODE_EXTRACTORS = ("clip-", "dinov2-")  # torch-fidelity extractors whose weights are code (TorchScript, hub repo)
 DEFAULT_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's TF-compatible Inception (the FID standard)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class StatisticsError(ValueError):
     """Reference statistics that cannot be compared with the configured features."""
+
+
+class UnsafeWeights(ValueError):
+    """Feature-extractor weights that only unpickling (running code from the file) could load."""
+
+
+def unsafe_load_allowed() -> bool:
+    return os.environ.get(UNSAFE_ENV, "").strip() == "1"
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,10 @@ def fid_config() -> FidConfig:
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise ValueError(f"{EXTRACTOR_ENV}={name}: not a torch-fidelity feature extractor; registered: "
                          f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
+    if name.startswith(CODE_EXTRACTORS) and not unsafe_load_allowed():
+        raise UnsafeWeights(f"{EXTRACTOR_ENV}={name}: its weights are code (a TorchScript archive, or a hub "
+                            f"repository's Python), which runs when loaded; use {DEFAULT_EXTRACTOR} (the FID "
+                            f"standard) or vgg16, or set {UNSAFE_ENV}=1 to load it anyway (a download you trust)")
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
     layer = os.environ.get(LAYER_ENV, "").strip() or cls.get_default_feature_layer_for_metric("fid")
     if layer not in cls.get_provided_features_list():
@@ -91,12 +115,62 @@ def fid_config() -> FidConfig:
     return FidConfig(name, layer, str(Path(weights).expanduser().resolve()) if weights else None)
 
 
+def _is_safetensors(f) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and the header, a JSON object."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(9)
+            size = os.fstat(fh.fileno()).st_size
+    except (OSError, TypeError):
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+@contextmanager
+def tensors_only_loading():
+    """While open, `torch.load` (which torch-fidelity and `torch.hub.load_state_dict_from_url` call) reads a
+    safetensors file, or a torch file with `weights_only=True` whatever its caller asked: tensors and plain
+    containers, never an object whose unpickling would run code. torch.load is swapped process-wide for the
+    extractor's construction only."""
+    import torch
+
+    original = torch.load
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
+        if _is_safetensors(f):
+            from safetensors.torch import load_file
+
+            return load_file(str(f))
+        return original(f, map_location=map_location, weights_only=True, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def create_extractor(cfg: FidConfig, device: str):
-    """torch-fidelity's extractor module, on `device`, in eval mode."""
+    """torch-fidelity's extractor module, on `device`, in eval mode; its weights loaded as tensors only (see the
+    module docstring), unless `BENCH_FID_UNSAFE_LOAD=1`."""
+    import pickle
+
     from torch_fidelity.utils import create_feature_extractor
 
     kwargs = {"feature_extractor_weights_path": cfg.weights} if cfg.weights else {}
-    return create_feature_extractor(cfg.extractor, [cfg.layer], cuda=device == "cuda", verbose=False, **kwargs)
+    if unsafe_load_allowed():
+        return create_feature_extractor(cfg.extractor, [cfg.layer], cuda=device == "cuda", verbose=False, **kwargs)
+    try:
+        with tensors_only_loading():
+            return create_feature_extractor(cfg.extractor, [cfg.layer], cuda=device == "cuda", verbose=False,
+                                            **kwargs)
+    except pickle.UnpicklingError as e:
+        where = f"{WEIGHTS_ENV}={cfg.weights}" if cfg.weights else f"the weights {cfg.extractor} downloads"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeWeights(
+            f"{where}: not plain tensors, and loading them would run code from the file ({first}). Save the state "
+            f"dict as safetensors (safetensors.torch.save_file(state_dict, path), where you trust the file) and "
+            f"point {WEIGHTS_ENV} at it, or set {UNSAFE_ENV}=1 to unpickle it anyway") from None
 
 
 def extract(extractor, images: "torch.Tensor", layer: str) -> "np.ndarray":
@@ -161,7 +235,7 @@ def load_statistics(path: Path, what: str) -> dict:
     import numpy as np
 
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:  # an object array would be a pickle: refused
             if "mu" not in z.files or "sigma" not in z.files:
                 raise StatisticsError(f"{what} {path} has the arrays {', '.join(z.files)}; it needs `mu` (d) and "
                                       f"`sigma` (d x d), as ADM's reference batches and torch-fidelity's statistics")
