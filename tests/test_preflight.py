@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -354,6 +355,17 @@ def test_cached_bundle_is_read_as_one_unit(tmp_path):
     path.write_bytes(path.read_bytes()[:20])  # the weights half truncated
     tensors, meta, _, built = cache.cached_bundle(path, build)
     assert built and meta == {"seconds": 4.5} and torch.equal(tensors["w"], torch.arange(4.0))
+
+
+def test_no_method_caches_weights_and_their_cost_as_two_entries():
+    """Case 8's cause, everywhere: a method that caches trained weights keeps what only their build knows (its
+    seconds, steps, rounds) in the same entry (`cache.cached_bundle`), never in a sidecar that a damaged half
+    would rebuild from a build that never ran."""
+    root = Path(__file__).resolve().parents[1] / "baselines"
+    bad = [f"{f.relative_to(root)}: {line.strip()}" for f in sorted(root.rglob("*.py"))
+           for line in f.read_text().splitlines()
+           if "cached_weights(" in line or re.search(r"cached_json\(\s*path\.with_suffix", line)]
+    assert not bad, "use cache.cached_bundle for weights and their metadata:\n" + "\n".join(bad)
 
 
 # ---- case 9: failed records keep no local paths ----------------------------------------------------------

@@ -166,18 +166,15 @@ def control(task: "Task", ctx: "RunContext", student, data: "Split", recipe: Tra
                   ctx.seed, ctx.budget, ctx.device)
     folder = cache.task_dir(task) / "controls"
     path = folder / f"encoder-student-{k}.safetensors"
-    seconds = {"value": None}
-
-    def build() -> dict:
+    def build() -> tuple[dict, dict]:
         seed_everything(ctx.seed)
         model = fresh_like(student, config).to(ctx.device)
         stats = fit(model, data, recipe, ctx, seed=ctx.seed,
                     description="Training the same student without the teacher (control, cached)")
-        seconds["value"] = stats.seconds
-        return {n: t.detach().clone() for n, t in model.state_dict().items()}
+        return {n: t.detach().clone() for n, t in model.state_dict().items()}, {"seconds": stats.seconds}
 
-    state, digest, _ = cache.cached_weights(path, build)
-    cost, _ = cache.cached_json(path.with_suffix(".cost.json"), lambda: {"seconds": seconds["value"]})
+    # weights and their cost are one cache entry: a damaged half rebuilds both, never a cached null
+    state, cost, digest, _ = cache.cached_bundle(path, build)
     model = fresh_like(student, config)
     model.load_state_dict(state)
     subject = task.prepare(unpacked(model, task), ctx)

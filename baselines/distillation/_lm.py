@@ -151,17 +151,15 @@ def control(task: "Task", ctx: "RunContext", cfg: LMDistillConfig, examples: "li
                   cfg.batch_size, cfg.lr, cfg.warmup_steps, ctx.seed, ctx.budget, ctx.device)
     folder = cache.task_dir(task) / "controls"
     path = folder / f"lm-student-{k}.safetensors"
-    seconds = {"value": None}
-
-    def build() -> dict:
+    def build() -> tuple[dict, dict]:
         stats = lm.fit_lm(start, examples, cfg.recipe(len(examples)), ctx, seed=ctx.seed,
                           description="Fine-tuning the same student without the teacher (control, cached)",
                           pad_id=task.tokenizer.pad_token_id)
-        seconds["value"] = stats.seconds
-        return {n: t.detach().clone() for n, t in start.state_dict().items()}  # clones: no shared storage
+        state = {n: t.detach().clone() for n, t in start.state_dict().items()}  # clones: no shared storage
+        return state, {"seconds": stats.seconds}
 
-    state, digest, _ = cache.cached_weights(path, build)
-    cost, _ = cache.cached_json(path.with_suffix(".cost.json"), lambda: {"seconds": seconds["value"]})
+    # weights and their cost are one cache entry: a damaged half rebuilds both, never a cached null
+    state, cost, digest, _ = cache.cached_bundle(path, build)
     start.load_state_dict(state)
     subject = task.prepare(start, ctx)
     ev_path = folder / f"lm-student-eval-{cache.key(digest, ctx.profile.name, ctx.seed, ctx.budget)}.json"

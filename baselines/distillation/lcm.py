@@ -194,14 +194,11 @@ class LatentConsistency(Method):
         k = cache.key(task.spec.name, task.spec.version, cache.weights_digest(subject.model), train_cfg, steps,
                       ctx.seed, ctx.budget, ctx.device, ctx.dtype, "lcm-1")
         path = cache.method_dir("lcm", task) / f"student-{k}.safetensors"
-        record: dict = {}
+        def build() -> tuple[dict, dict]:
+            record = self.train(subject, task, ctx, steps)
+            return {n: v.detach().cpu().contiguous() for n, v in record.pop("model").state_dict().items()}, record
 
-        def build() -> dict:
-            record.update(self.train(subject, task, ctx, steps))
-            return {n: v.detach().cpu().contiguous() for n, v in record.pop("model").state_dict().items()}
-
-        state, _, _ = cache.cached_weights(path, build)
-        meta, _ = cache.cached_json(path.with_suffix(".cost.json"), lambda: record)
+        state, meta, _, _ = cache.cached_bundle(path, build)  # weights and their cost: one entry
         model = task.build_reference()
         model.load_state_dict(state)
         ctx.progress.log(f"lcm: {meta['steps']} steps in {meta['seconds']:.0f} s, loss {meta['loss_first']:.4f} -> "

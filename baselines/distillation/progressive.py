@@ -200,16 +200,15 @@ class ProgressiveDistillation(Method):
         data = require(task, TrainingSplit, "progressive trains on the task's training images").training_split()
         key = student_key(subject, task, cfg, ctx)
         path = cache.method_dir("progressive", task) / f"student-{key}.safetensors"
-        built: dict = {}
+        def build() -> tuple[dict, dict]:
+            student, rounds = distill(subject, data.x.to(ctx.device), data.y.to(ctx.device), cfg, ctx.seed,
+                                      ctx.budget.smoke, ctx.progress)
+            return student.state_dict(), {"rounds": rounds}
 
-        def build() -> dict:
-            student, built["rounds"] = distill(subject, data.x.to(ctx.device), data.y.to(ctx.device), cfg,
-                                               ctx.seed, ctx.budget.smoke, ctx.progress)
-            return student.state_dict()
-
-        state, _, _ = cache.cached_weights(path, build)
-        # the rounds' costs and proxies are kept beside the weights, so a cached student reports what it cost
-        rounds, _ = cache.cached_json(path.with_suffix(".rounds.json"), lambda: built["rounds"])
+        # the rounds' costs and proxies are one cache entry with the weights, so a cached student reports what it
+        # cost, and a damaged half rebuilds both
+        state, meta, _, _ = cache.cached_bundle(path, build)
+        rounds = meta["rounds"]
         student = copy.deepcopy(subject.model)
         student.load_state_dict(state)
         student = student.to(next(subject.model.parameters()).dtype).eval()

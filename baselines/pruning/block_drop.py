@@ -288,15 +288,12 @@ class BlockDrop(Method):
             k = cache.key(task.spec.name, task.spec.version, weights_digest(reference), names, cfg, ctx.seed,
                           ctx.budget, ctx.device)
             path = cache.method_dir("block-drop", task) / f"student-{k}.safetensors"
-            info = {}
+            def build() -> tuple[dict, dict]:
+                seconds, steps, losses = distill(student, reference, task.training_split(), cfg, ctx,
+                                                 f"Recovering the student ({', '.join(names)} removed)")
+                return student.state_dict(), {"seconds": seconds, "steps": steps, "losses": losses}
 
-            def build() -> dict:
-                info["seconds"], info["steps"], info["losses"] = distill(
-                    student, reference, task.training_split(), cfg, ctx, f"Recovering the student ({', '.join(names)} removed)")
-                return student.state_dict()
-
-            state, _, built = cache.cached_weights(path, build)
-            meta, _ = cache.cached_json(path.with_suffix(".cost.json"), lambda: dict(info))
+            state, meta, _, built = cache.cached_bundle(path, build)  # weights and their cost: one entry
             student.load_state_dict(state)
             seconds, steps, losses = meta.get("seconds", 0.0), meta.get("steps", 0), meta.get("losses", {})
         student = student.to(device=ctx.device if ctx else "cpu").eval()
