@@ -91,6 +91,17 @@ def _swap(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _publishable(site: Path) -> None:
+    """The usual web permissions, whatever the umask: folders 755, files 644 (`mkdtemp` makes the root 700, so
+    a web server running as another user could not read the site)."""
+    import os
+
+    for folder, dirs, files in os.walk(site):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+
+
 def build_site(results: Path, out: Path, strict: bool = False) -> BuildReport:
     """Build the site from `results` into `out`. Invalid files are skipped (listed in the report) unless
     `strict`, when they raise `BuildError` and nothing is written."""
@@ -105,6 +116,7 @@ def build_site(results: Path, out: Path, strict: bool = False) -> BuildReport:
     try:
         report = _render_all(loaded, results, tmp)
         report.invalid = loaded.invalid
+        _publishable(tmp)
         _swap(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

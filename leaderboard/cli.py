@@ -89,9 +89,9 @@ def serve(out: OutOpt = Path("site"),
 def recommend(
     task: Annotated[str, typer.Option("--task", "-t", help="task name")],
     profile: Annotated[str, typer.Option(help="hardware profile; results of other profiles are never mixed in")] = "cpu",
-    max_drop: Annotated[str, typer.Option("--max-drop", help="the largest quality loss accepted: '1%' is relative "
-                                          "to the reference's value, a plain number ('0.01') is absolute, in the "
-                                          "metric's units")] = "1%",
+    max_drop: Annotated[str, typer.Option("--max-drop", help="the largest quality loss accepted, with its unit: "
+                                          "'1%' relative to the reference's value, '0.5pp' absolute percentage "
+                                          "points, '2fid' in the metric's own units")] = "1%",
     results: ResultsOpt = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="print the recommendations as JSON")] = False,
 ) -> None:
@@ -121,6 +121,10 @@ def recommend(
     if not prow:
         _fail(f"no results for task {task!r} on profile {profile!r}. Profiles with results for "
               f"{task!r}: {', '.join(profiles)}.")
+    try:
+        budget = D.parse_budget(max_drop, prow[0]["metric"])  # now the unit can be checked against the metric
+    except D.BudgetError as e:
+        _fail(str(e))
     picks = D.recommend(prow, budget)
     left_out = D.unreliable_within(prow, budget)  # within the budget, but their speed cannot be trusted
     metric = prow[0]["metric"]

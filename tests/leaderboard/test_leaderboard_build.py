@@ -81,6 +81,20 @@ def test_the_methods_page_shows_what_runs_where_from_the_registries(results_tree
     assert "fit-needs" in table and "fit-yes" in table  # both kinds occur in this registry
 
 
+def test_the_site_is_readable_by_a_web_server_whatever_the_umask(results_tree: Path, tmp_path: Path):
+    import os
+    import stat
+
+    old = os.umask(0o077)  # the strictest usual umask: nothing for group and others
+    try:
+        build_site(results_tree, tmp_path / "site")
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "site", *(tmp_path / "site").rglob("*")]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
+
+
 def test_best_per_family_is_per_profile(results_tree: Path, tmp_path: Path):
     build_site(results_tree, tmp_path / "site")
     home = (tmp_path / "site" / "index.html").read_text()

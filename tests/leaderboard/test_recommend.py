@@ -50,22 +50,33 @@ def test_ranks_are_ties_when_intervals_overlap():
                 assert not (ivs[a][0] > ivs[b][1] or ivs[b][0] > ivs[a][1])
 
 
-@pytest.mark.parametrize("text,amount,relative", [("1%", 1.0, True), ("0.5 %", 0.5, True), ("0.01", 0.01, False),
-                                                   ("0", 0.0, False)])
+@pytest.mark.parametrize("text,amount,relative", [("1%", 1.0, True), ("0.5 %", 0.5, True), ("1pp", 0.01, False),
+                                                   ("0.5 PP", 0.005, False), ("0%", 0.0, True), ("2fid", 2.0, False)])
 def test_parse_budget(text, amount, relative):
     b = D.parse_budget(text)
-    assert (b.amount, b.relative) == (amount, relative)
+    assert (b.amount, b.relative) == (pytest.approx(amount), relative)
 
 
-@pytest.mark.parametrize("text", ["abc", "-1%", "-0.1", "nan", "1%%"])
+@pytest.mark.parametrize("text", ["abc", "-1%", "-0.1", "nan", "1%%", "inf%", "1pp%"])
 def test_bad_budget(text):
     with pytest.raises(D.BudgetError):
         D.parse_budget(text)
 
 
+def test_a_bare_number_is_refused_showing_both_readings():
+    """'0.5' once meant 50% of nothing in particular: relative or absolute must be written."""
+    with pytest.raises(D.BudgetError) as e:
+        D.parse_budget("0.5", "top1_accuracy")
+    assert "'0.5%'" in str(e.value) and "'0.5pp'" in str(e.value) and "'0.5top1_accuracy'" in str(e.value)
+    with pytest.raises(D.BudgetError, match="not this task's metric"):
+        D.parse_budget("2fid", "top1_accuracy")
+    assert str(D.parse_budget("0.5pp")) == "0.5 pp (absolute)" and str(D.parse_budget("1%")) == "1% of the reference"
+
+
 def test_budget_in_metric_units():
     assert D.parse_budget("1%").allowed(0.9) == pytest.approx(0.009)
-    assert D.parse_budget("0.02").allowed(0.9) == pytest.approx(0.02)
+    assert D.parse_budget("2pp").allowed(0.9) == pytest.approx(0.02)
+    assert D.parse_budget("2fid", "fid").allowed(12.0) == pytest.approx(2.0)
 
 
 def test_recommend_keeps_the_front_within_budget_fastest_first():
@@ -76,7 +87,7 @@ def test_recommend_keeps_the_front_within_budget_fastest_first():
     assert [p["method"] for p in picks] == ["kd", "prune", "tiny"]  # the noise floor (none) is never a pick
     assert [p["rank"] for p in picks] == [1, 2, 3]
     assert picks[0]["sure"] is False and picks[1]["sure"] is True  # kd's interval reaches -0.012
-    assert [p["method"] for p in D.recommend(rows, D.parse_budget("0.05"))] == ["kd2", "kd", "prune", "tiny"]
+    assert [p["method"] for p in D.recommend(rows, D.parse_budget("5pp"))] == ["kd2", "kd", "prune", "tiny"]
 
 
 def test_unreliable_speeds_are_never_ranked_on_the_front_or_recommended():
@@ -112,14 +123,14 @@ def test_cli_recommend(results_tree: Path):
 
 
 def test_cli_recommend_json(results_tree: Path):
-    res = runner.invoke(app, ["recommend", "-t", "digits", "--max-drop", "0.005", "--json",
+    res = runner.invoke(app, ["recommend", "-t", "digits", "--max-drop", "0.5pp", "--json",
                               "--results", str(results_tree)])
     assert res.exit_code == 0, res.output
     picks = json.loads(res.stdout)
     assert [p["method"] for p in picks] == ["kd", "magnitude"] and [p["rank"] for p in picks] == [1, 2]
     assert all(p["reproduce"].startswith("bench reproduce results/cpu/digits/") for p in picks)
     # nothing but the noise floor within 0.001; speculative is slower than the reference at the same quality
-    res = runner.invoke(app, ["recommend", "-t", "digits", "--max-drop", "0.001", "--json",
+    res = runner.invoke(app, ["recommend", "-t", "digits", "--max-drop", "0.1pp", "--json",
                               "--results", str(results_tree)])
     assert res.exit_code == 1 and json.loads(res.stdout) == []
 
