@@ -38,12 +38,8 @@ def new_method(
         g = generate(name, family, tuple(modality or ("image-classification",)), root)
     except ScaffoldError as e:
         _fail(str(e))
-    for f in g.files:
-        out.print(f"wrote {f}", highlight=False)
-    out.print(f"\n{name!r} is registered and runs, but it is the identity: edit {g.files[0].name} (apply, paper, "
-              f"summary, hyper-parameters), delete its BENCH_TEMPLATE line, then\n"
-              f"  python -m pytest {g.files[1]}\n  bench run --method {name} --task digits\n  bench check\n"
-              f"CONTRIBUTING.md walks through the rest.", highlight=False)
+    _wrote(g, f"{name!r} is registered and runs, but it is the identity: edit {g.files[0].name} (apply, paper, "
+              f"summary, hyper-parameters)", [f"bench run --method {name} --task digits"], "CONTRIBUTING.md")
 
 
 @new_app.command("task")
@@ -61,10 +57,16 @@ def new_task(
         g = generate(name, modality, root, classes)
     except ScaffoldError as e:
         _fail(str(e))
+    _wrote(g, f"{name!r} is registered and runs on synthetic data: edit {g.files[0].name} (its data, models, "
+              f"recipes and summary)", [f"bench list methods --task {name}",
+                                        f"bench run --method none --task {name}      # its noise floor"],
+           "CONTRIBUTING.md, 'Adding a task',")
+
+
+def _wrote(g, what: str, steps: list[str], guide: str) -> None:
+    """The files a generator wrote, and what to do next: edit, drop the template marker, test, run, check."""
     for f in g.files:
         out.print(f"wrote {f}", highlight=False)
-    out.print(f"\n{name!r} is registered and runs on synthetic data: edit {g.files[0].name} (its data, models, "
-              f"recipes and summary), delete its BENCH_TEMPLATE line, then\n"
-              f"  python -m pytest {g.files[1]}\n  bench list methods --task {name}\n"
-              f"  bench run --method none --task {name}      # its noise floor\n  bench check\n"
-              f"CONTRIBUTING.md, 'Adding a task', walks through the rest.", highlight=False)
+    todo = "".join(f"  {s}\n" for s in [f"python -m pytest {g.files[1]}", *steps, "bench check"])
+    out.print(f"\n{what}, delete its BENCH_TEMPLATE line, then\n{todo}{guide} walks through the rest.",
+              highlight=False)

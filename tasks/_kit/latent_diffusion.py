@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from bench.api import Pipeline
+from tasks._kit.pretrained import Pretrained
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
 
 if TYPE_CHECKING:
@@ -163,8 +164,9 @@ def load_images(path: str) -> "torch.Tensor":
     return hit[0]["images"]
 
 
-class LatentDiffusionTask(Task, Pipeline):
-    """A full task on a diffusers latent-diffusion pipeline (see the module docstring). Subclasses load their
+class LatentDiffusionTask(Pretrained, Task, Pipeline):
+    """A full task on a diffusers latent-diffusion pipeline (see the module docstring); its reference is the
+    loaded pipeline's denoiser, kept as `Pretrained` keeps a checkpoint (`subject_from_state` reuses it). Subclasses load their
     data and reference statistics in `load` (setting `n`, `reference_stats`, `data_digest`) and define the
     conditioning and the sampling extras."""
 
@@ -293,13 +295,6 @@ class LatentDiffusionTask(Task, Pipeline):
         self._kept = (state, backbone)
         where = src.path if src.local else f"hf://{src.path}@{src.revision or 'main'}"
         return ReferenceWeights(state, pipeline_sha256(pipe), False, where)
-
-    def subject_from_state(self, state: dict, ctx: RunContext) -> Subject:
-        if self._kept is not None and state is self._kept[0]:
-            return self.prepare(self._kept[1], ctx)
-        model = self.build_reference()
-        model.load_state_dict(state)
-        return self.prepare(model, ctx)
 
     def prepare(self, model, ctx: RunContext) -> Subject:
         pipe = self.pipeline(ctx)
