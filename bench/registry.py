@@ -57,6 +57,9 @@ class TaskSpec:
     summary: str
     version: str = "1"
     cls: type = field(default=object, compare=False, repr=False)
+    # The quality loss a user of this task accepts by default, with its unit (leaderboard.data.parse_budget):
+    # "1%" relative, as MLPerf's "99% of the reference accuracy"; the leaderboard opens on it.
+    quality_budget: str = "1%"
 
 
 class Registry(Generic[T]):
@@ -149,13 +152,21 @@ def register_task(
     higher_is_better: bool,
     summary: str,
     version: str = "1",
+    quality_budget: str = "1%",
 ) -> Callable[[type], type]:
-    """Class decorator: `@register_task("digits", modality="image-classification", ...)` on a `Task`."""
+    """Class decorator: `@register_task("digits", modality="image-classification", ...)` on a `Task`.
+    `quality_budget` is the loss the leaderboard accepts by default (`1%` relative, `0.5pp`, `2fid`)."""
     _check_choice(modality, MODALITIES, "modality", f"task {name!r}")
     _check_choice(tier, TIERS, "tier", f"task {name!r}")
+    from bench.budget import BudgetError, parse_budget
+
+    try:
+        parse_budget(quality_budget, metric)
+    except BudgetError as e:
+        raise RegistryError(f"task {name!r}: quality_budget {e}") from None
 
     def deco(cls: type) -> type:
-        spec = TaskSpec(name, modality, tier, metric, higher_is_better, summary, version, cls)
+        spec = TaskSpec(name, modality, tier, metric, higher_is_better, summary, version, cls, quality_budget)
         TASKS.add(name, spec)
         cls.spec = spec
         return cls

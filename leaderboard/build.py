@@ -23,7 +23,6 @@ PACKAGE = Path(__file__).parent
 STATIC = PACKAGE / "static"
 TEMPLATES = PACKAGE / "templates"
 MARKER = ".bench-leaderboard"  # marks a folder as a built site, so a rebuild may replace it
-BEST_BUDGET = D.Budget(1.0, relative=True)  # "best per family" on the home page: within 1% of the reference
 
 
 class BuildError(RuntimeError):
@@ -150,7 +149,7 @@ def _render_all(loaded: D.Loaded, results: Path, site: Path) -> BuildReport:
     n = 0
     cards = []
     for task in sorted(records_by_task):
-        card = pages.task_card(task, records_by_task[task], by_task[task], task_specs.get(task), BEST_BUDGET)
+        card = pages.task_card(task, records_by_task[task], by_task[task], task_specs.get(task))
         cards.append(card)
         ctx = pages.task_page(card, by_task[task], method_specs)
         _write(site, f"tasks/{task}.html", env.get_template("task.html").render(
@@ -159,7 +158,7 @@ def _render_all(loaded: D.Loaded, results: Path, site: Path) -> BuildReport:
     profiles = D.sorted_unique(p["name"] for c in cards for p in c["profiles"])
     _write(site, "index.html", env.get_template("index.html").render(
         root="", cards=cards, profiles=profiles, tiers=D.sorted_unique(c["tier"] for c in cards),
-        n_results=report.results, n_invalid=len(loaded.invalid)))
+        n_results=report.results, n_invalid=len(loaded.invalid), families=pages.family_view(rows, task_specs)))
     methods = [pages.method_page(m, records_by_method[m], method_specs.get(m)) for m in sorted(records_by_method)]
     _write(site, "methods/index.html", env.get_template("methods.html").render(
         root="../", methods=methods, matrix=pages.compatibility_view()))

@@ -89,21 +89,23 @@ def serve(out: OutOpt = Path("site"),
 def recommend(
     task: Annotated[str, typer.Option("--task", "-t", help="task name")],
     profile: Annotated[str, typer.Option(help="hardware profile; results of other profiles are never mixed in")] = "cpu",
-    max_drop: Annotated[str, typer.Option("--max-drop", help="the largest quality loss accepted, with its unit: "
-                                          "'1%' relative to the reference's value, '0.5pp' absolute percentage "
-                                          "points, '2fid' in the metric's own units")] = "1%",
+    max_drop: Annotated[str | None, typer.Option("--max-drop", help="the largest quality loss accepted, with its "
+                                                 "unit: '1%' relative to the reference's value, '0.5pp' absolute "
+                                                 "percentage points, '2fid' in the metric's own units; default: "
+                                                 "the task's declared budget")] = None,
     results: ResultsOpt = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="print the recommendations as JSON")] = False,
 ) -> None:
-    """The methods on the Pareto front within a quality budget, fastest first, with intervals and the command
-    to reproduce each. Results whose speed is unreliable are left out (and named), as is the noise floor."""
+    """The methods within a quality budget that are faster than the reference beyond doubt, fastest first, with
+    tie-aware ranks, their intervals and the command to reproduce each; then what was left out and why (no
+    measured speedup, an unreliable speed, outside the budget). The same rules as the leaderboard's task page."""
     from rich.text import Text
 
     from leaderboard import data as D
-    from leaderboard.pages import fdelta, fq, fspeed, noise_floor_view
+    from leaderboard.pages import fdelta, fq, fspeed, noise_floor_view, task_budget
 
     try:
-        budget = D.parse_budget(max_drop)
+        budget = D.parse_budget(max_drop) if max_drop is not None else None
         loaded = D.load_tree(results)
     except (D.BudgetError, FileNotFoundError) as e:
         _fail(str(e))
@@ -121,70 +123,80 @@ def recommend(
     if not prow:
         _fail(f"no results for task {task!r} on profile {profile!r}. Profiles with results for "
               f"{task!r}: {', '.join(profiles)}.")
+    metric = prow[0]["metric"]
     try:
-        budget = D.parse_budget(max_drop, prow[0]["metric"])  # now the unit can be checked against the metric
+        if max_drop is None:
+            from bench.registry import RegistryError, get_task_spec
+
+            try:
+                budget = task_budget(get_task_spec(task), metric)
+            except RegistryError:
+                budget = D.parse_budget("1%")
+        else:
+            budget = D.parse_budget(max_drop, metric)  # now the unit can be checked against the metric
     except D.BudgetError as e:
         _fail(str(e))
-    picks = D.recommend(prow, budget)
-    left_out = D.unreliable_within(prow, budget)  # within the budget, but their speed cannot be trusted
-    metric = prow[0]["metric"]
+    placed = D.rank_within(prow, budget)
+    picks = [r for r in placed if r["standing"] == "ranked"]
+    by = {k: [r for r in placed if r["standing"] == k] for k in ("no-speedup", "unreliable", "outside")}
     refs = D.sorted_unique(r["ref"] for r in prow if r["ref"] is not None)
 
-    def unreliable_lines(rows: list) -> list[Text]:
-        lines = []
-        for r in rows:
-            lines.append(Text(f"  - {r['method']} ({r['hps'] or 'no hyper-parameters'}): Δ {metric} "
-                              f"{fdelta(r['delta'], metric)}, speedup {fspeed(r['speedup'])} [{fspeed(r['slo'])}, "
-                              f"{fspeed(r['shi'])}] UNRELIABLE: {'; '.join(r['speed_reasons'])}"))
-            lines.append(Text(f"    bench remeasure {(results / r['file']).as_posix()}", style="dim"))
-        return lines
+    def line(r: dict, why: str = "") -> Text:
+        return Text(f"  - {r['method']} ({r['hps'] or 'no hyper-parameters'}): Δ {metric} "
+                    f"{fdelta(r['delta'], metric)}, speedup {fspeed(r['speedup'])} [{fspeed(r['slo'])}, "
+                    f"{fspeed(r['shi'])}]" + (f" {why}" if why else ""))
 
-    def fit_text(n: int) -> str:
-        return (f"{n} method{'s' if n != 1 else ''} fit{'' if n != 1 else 's'} the budget but "
-                f"{'their' if n != 1 else 'its'} speed is unreliable")
+    def left_out_lines() -> list[Text]:
+        out = []
+        if by["no-speedup"]:
+            out.append(Text(f"Within the budget but no measured speedup (the 95% interval includes 1x or lies "
+                            f"below), never recommended ({len(by['no-speedup'])}):"))
+            out += [line(r) for r in by["no-speedup"]]
+        if by["unreliable"]:
+            out.append(Text(f"Within the budget but the speed is unreliable, never recommended: re-time on a quiet "
+                            f"machine with `bench remeasure` ({len(by['unreliable'])}):"))
+            for r in by["unreliable"]:
+                out.append(line(r, f"UNRELIABLE: {'; '.join(r['speed_reasons'])}"))
+                out.append(Text(f"    bench remeasure {(results / r['file']).as_posix()}", style="dim"))
+        if by["outside"]:
+            faster = [r for r in by["outside"] if D.measured_speedup(r) and r["speed_ok"]]
+            out.append(Text(f"Outside the budget ({len(by['outside'])})"
+                            + (f"; the fastest of them: {max(faster, key=lambda r: r['speedup'])['method']}"
+                               if faster else "") + ":"))
+            out += [line(r) for r in by["outside"]]
+        return out
 
     if as_json:
-        keep = ("rank", "method", "family", "hp", "speedup", "slo", "shi", "delta", "dlo", "dhi", "value", "ref",
-                "allowed", "sure", "verified", "file", "command", "id")
+        keep = ("rank", "tied_with", "method", "family", "hp", "speedup", "slo", "shi", "delta", "dlo", "dhi",
+                "value", "ref", "allowed", "sure", "verified", "file", "command", "id")
         print(json.dumps([{**{k: p[k] for k in keep}, "reproduce": f"bench reproduce results/{p['file']}"}
                           for p in picks], indent=2, sort_keys=True))
-        if left_out:  # on stderr, so stdout stays JSON
-            _err.print(f"note: {fit_text(len(left_out))} and {'are' if len(left_out) != 1 else 'is'} left out: "
-                       + ", ".join(f"{r['method']} ({r['hps']})" for r in left_out), markup=False,
-                       highlight=False, soft_wrap=True)
+        if by["unreliable"] or by["no-speedup"]:  # on stderr, so stdout stays JSON
+            _err.print("note: left out: " + "; ".join(
+                f"{r['method']} ({r['hps']}): {'unreliable speed' if r['standing'] == 'unreliable' else 'no measured speedup'}"
+                for r in by["unreliable"] + by["no-speedup"]), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(0 if picks else 1)
     allowed = budget.allowed(refs[0]) if refs else budget.amount
-    n_unreliable = sum(1 for r in prow if not r["speed_ok"] and not D.is_noise_floor(r))
     _out.print(Text(f"{task} on {profile}: reference {metric} {' / '.join(fq(v, metric) for v in refs)}; "
-                    f"budget: lose at most {budget} (= {fdelta(-allowed, metric).lstrip('-+')}); "
-                    f"{len(prow)} result(s) on this profile"
-                    + (f", {n_unreliable} with an unreliable speed (never recommended)" if n_unreliable else "")
-                    + "."), soft_wrap=True)
+                    f"budget: lose at most {budget} (= {fdelta(-allowed, metric).lstrip('-+')})"
+                    + ("" if max_drop is not None else ", the task's declared budget (--max-drop changes it)")
+                    + f"; {len(prow)} result(s) on this profile."), soft_wrap=True)
     _out.print(Text(noise_floor_view(task, profile, prow)["text"]), soft_wrap=True)
     if not picks:
-        if left_out:
-            _out.print(Text(f"{fit_text(len(left_out))}, so none is recommended: re-time "
-                            f"{'them' if len(left_out) != 1 else 'it'} on a quiet machine with `bench remeasure`:",
-                            style="bold"), soft_wrap=True)
-            for line in unreliable_lines(left_out):
-                _out.print(line, soft_wrap=True)
-            raise typer.Exit(1)
         methods = [r for r in prow if not D.is_noise_floor(r)]
         if not methods:
             _out.print(Text("Only the noise floor (`none`, the reference timed against itself) has results here: "
                             "no method to recommend."), soft_wrap=True)
             raise typer.Exit(1)
-        best = min(methods, key=D.drop)
-        _out.print(Text(f"No method on the Pareto front is within the budget. The smallest loss is "
-                        f"{best['method']} ({best['hps']}): {fdelta(best['delta'], metric)} at "
-                        f"{fspeed(best['speedup'])}" + ("" if best["speed_ok"] else " (speed unreliable)") + "."),
-                   soft_wrap=True)
+        _out.print(Text("No method qualifies: none is within the budget with a reliable speedup measured above 1x.",
+                        style="bold"), soft_wrap=True)
+        for t in left_out_lines():
+            _out.print(t, soft_wrap=True)
         raise typer.Exit(1)
-    _out.print(Text(f"Recommended: the Pareto front within the budget, fastest first ({len(picks)}):", style="bold"))
-    ranks = [p["rank"] for p in picks]
+    _out.print(Text(f"Recommended: within the budget and faster than the reference beyond doubt, fastest first "
+                    f"({len(picks)}):", style="bold"), soft_wrap=True)
     for p in picks:
-        tied = ranks.count(p["rank"]) > 1
-        head = Text(f"{p['rank']}{'=' if tied else ''}".ljust(4), style="bold")
+        head = Text(f"{p['rank']}{'=' if p['tied_with'] else ''}".ljust(4), style="bold")
         head.append(p["method"], style="bold cyan")
         head.append(f" ({p['family']})  ")
         head.append(p["hps"] or "(no hyper-parameters)")
@@ -194,12 +206,8 @@ def recommend(
                         f"{fdelta(p['dhi'], metric)}]   "
                         + ("whole interval within budget" if p["sure"] else "point estimate within budget") + "   "
                         + ("verified" if p["verified"] else "unverified")), soft_wrap=True)
+        _out.print(Text(f"    {D.tie_text(p)}", style="dim"), soft_wrap=True)
         _out.print(Text(f"    bench reproduce results/{p['file']}"), soft_wrap=True)
         _out.print(Text(f"    originally: {p['command']}", style="dim"), soft_wrap=True)
-    if any(ranks.count(r) > 1 for r in ranks):
-        _out.print("Ranks marked '=' are statistically tied: their speedup intervals overlap.")
-    if left_out:
-        _out.print(Text(f"Also, {fit_text(len(left_out))}, so {'they are' if len(left_out) != 1 else 'it is'} "
-                        f"left out above:"), soft_wrap=True)
-        for line in unreliable_lines(left_out):
-            _out.print(line, soft_wrap=True)
+    for t in left_out_lines():
+        _out.print(t, soft_wrap=True)

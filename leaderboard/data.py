@@ -17,17 +17,14 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from bench.budget import BUDGET_HELP, Budget, BudgetError, parse_budget  # noqa: F401 (re-exported)
+
 VERIFIED_SUFFIX = ".verified.json"
 NOISE_FAMILY = "none"  # the `none` method: the reference timed against itself, i.e. the noise floor
-BUDGET_HELP = ("the largest quality loss accepted, with its unit: '1%' relative to the reference's value, "
-               "'0.5pp' absolute percentage points (for a metric between 0 and 1, such as accuracy), '2fid' "
-               "absolute in the metric's own units (the metric's name as the unit)")
-_BUDGET_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(%|pp|[a-z][a-z0-9_]*)$", re.IGNORECASE)
 
 
 @dataclass
@@ -241,12 +238,20 @@ def pareto_front(rows: list[dict[str, Any]]) -> set[int]:
 def tied_ranks(intervals: list[tuple[float, float]]) -> list[int]:
     """Rank = 1 + the number of rows whose whole interval lies above this row's (larger is better).
 
-    Rows whose intervals overlap cannot be told apart, so they share a rank: ranks are ties, not a strict
-    order. Two rows with the same rank never have separated intervals.
+    Rows whose intervals overlap cannot be told apart, so a rank counts only the rows that are better beyond
+    doubt: it is not a strict order, and two rows with separated intervals never share a rank.
     """
     lows = sorted(lo for lo, _ in intervals)
     n = len(lows)
     return [1 + n - bisect.bisect_right(lows, hi) for _, hi in intervals]
+
+
+def overlapping(intervals: list[tuple[float, float]]) -> list[list[int]]:
+    """For each interval, the indices of the others it overlaps (shares at least one point with): the rows it
+    cannot be told apart from. This, and only this, is what a tie mark ('=') means, on the site and in
+    `bench recommend`; a rank alone says how many rows are better beyond doubt (`tied_ranks`)."""
+    return [[j for j, (lo2, hi2) in enumerate(intervals) if j != i and lo2 <= hi and lo <= hi2]
+            for i, (lo, hi) in enumerate(intervals)]
 
 
 def speed_interval(row: dict[str, Any]) -> tuple[float, float]:
@@ -255,51 +260,11 @@ def speed_interval(row: dict[str, Any]) -> tuple[float, float]:
     return lo, hi
 
 
-class BudgetError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Budget:
-    amount: float  # a percentage of the reference's value when relative; else in the metric's units
-    relative: bool
-    label: str = ""  # how an absolute budget was written ("0.5 pp", "2 fid")
-
-    def allowed(self, reference_value: float) -> float:
-        """The largest quality loss accepted, in the metric's units."""
-        return self.amount / 100 * abs(reference_value) if self.relative else self.amount
-
-    def __str__(self) -> str:
-        if self.relative:
-            return f"{self.amount:g}% of the reference"
-        return f"{self.label} (absolute)" if self.label else f"{self.amount:g} (absolute)"
-
-
-def parse_budget(text: str, metric: str | None = None) -> Budget:
-    """`--max-drop` with an explicit unit: `N%` relative to the reference's value, `Npp` absolute percentage
-    points (N/100 in the units of a metric between 0 and 1), `N<metric>` absolute in the metric's own units
-    (e.g. `2fid`). A bare number is refused: '0.5' read as 50% once, and the site speaks in pp."""
-    t = text.strip()
-    m = _BUDGET_RE.match(t)
-    if m is None:
-        try:
-            float(t)
-        except ValueError:
-            raise BudgetError(f"--max-drop {text!r} is not a number with a unit ({BUDGET_HELP})") from None
-        own = f", or '{t}{metric}' in {metric}'s own units" if metric else ""
-        raise BudgetError(f"--max-drop {text!r} has no unit: write '{t}%' (relative to the reference's value) or "
-                          f"'{t}pp' (absolute percentage points){own}")
-    amount, unit = float(m.group(1)), m.group(2).lower()
-    if not math.isfinite(amount):
-        raise BudgetError(f"--max-drop {text!r} must be a finite, non-negative number ({BUDGET_HELP})")
-    if unit == "%":
-        return Budget(amount, True)
-    if unit == "pp":
-        return Budget(amount / 100, False, f"{amount:g} pp")
-    if metric is not None and unit != metric.lower():
-        raise BudgetError(f"--max-drop {text!r}: the unit {unit!r} is not this task's metric ({metric}); write "
-                          f"'{amount:g}{metric}', '{amount:g}%' or '{amount:g}pp'")
-    return Budget(amount, False, f"{amount:g} {unit}")
+def measured_speedup(row: dict[str, Any]) -> bool:
+    """Whether the row is faster than the reference beyond doubt: its whole speedup interval lies above 1x.
+    An interval that includes 1.0 (or lies below it) is "no measured speedup", however large its point
+    estimate (toca at 1.84x [0.75, 1.97] cannot be told from the reference)."""
+    return speed_interval(row)[0] > 1.0
 
 
 def drop(row: dict[str, Any]) -> float:
@@ -307,39 +272,107 @@ def drop(row: dict[str, Any]) -> float:
     return -goodness(row)
 
 
+def allowed_loss(row: dict[str, Any], budget: Budget) -> float:
+    return budget.allowed(row["ref"] if row["ref"] is not None else 0.0)
+
+
 def within(row: dict[str, Any], budget: Budget) -> bool:
-    allowed = budget.allowed(row["ref"] if row["ref"] is not None else 0.0)
-    return drop(row) <= allowed + 1e-12
+    """The point estimate of the quality loss is within the budget."""
+    return drop(row) <= allowed_loss(row, budget) + 1e-12
+
+
+# Where a row stands under a budget, in the order the task page lists them (the noise floor is pinned first).
+STANDINGS = ("noise", "ranked", "no-speedup", "unreliable", "outside")
+STANDING_TEXT = {
+    "noise": "noise floor: the reference timed against itself, never ranked",
+    "ranked": "within the budget, with a measured speedup: ranked by speed",
+    "no-speedup": "within the budget, but no measured speedup: the speedup's 95% interval includes 1x or lies below",
+    "unreliable": "within the budget, but its speed is unreliable (contended, imprecise or unstable timing)",
+    "outside": "loses more quality than the budget allows",
+}
+
+
+def standing(row: dict[str, Any], budget: Budget) -> str:
+    """One of `STANDINGS`. Quality is judged first (a method outside the budget is not a candidate however fast),
+    then whether the speed can be trusted, then whether there is a speedup at all. Only "ranked" rows are ranked
+    or recommended."""
+    if is_noise_floor(row):
+        return "noise"
+    if not within(row, budget):
+        return "outside"
+    if not row["speed_ok"]:
+        return "unreliable"
+    return "ranked" if measured_speedup(row) else "no-speedup"
+
+
+def rank_within(rows: Iterable[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:
+    """Every row with its place under `budget`: each gains `standing`, `allowed` (the budget in metric units)
+    and `sure` (even the pessimistic end of the quality interval is within the budget); "ranked" rows also gain
+    `rank` (`tied_ranks` on the speedup intervals, among ranked rows only) and `tied_with` (the methods of the
+    ranked rows whose speedup intervals overlap this one's, `overlapping`). Ordered as the page lists them:
+    by standing, then fastest first within "ranked", "no-speedup" and "unreliable", smallest loss first
+    "outside"."""
+    out = []
+    for row in rows:
+        allowed = allowed_loss(row, budget)
+        worst = -goodness_interval(row)[0]
+        out.append({**row, "standing": standing(row, budget), "allowed": allowed,
+                    "sure": worst <= allowed + 1e-12, "rank": None, "tied_with": []})
+    out.sort(key=lambda r: (STANDINGS.index(r["standing"]),
+                            drop(r) if r["standing"] == "outside" else -r["speedup"],
+                            -r["speedup"], r["method"], r["id"]))
+    ranked = [r for r in out if r["standing"] == "ranked"]
+    ivs = [speed_interval(r) for r in ranked]
+    for r, rank, tied in zip(ranked, tied_ranks(ivs), overlapping(ivs)):
+        r["rank"] = rank
+        r["tied_with"] = [f"{ranked[j]['method']} ({ranked[j]['hps'] or 'defaults'})" for j in tied]
+    return out
+
+
+def tie_text(row: dict[str, Any]) -> str:
+    """What a rank and its '=' mean, for one ranked row (the task page's tooltip and `bench recommend`)."""
+    better = row["rank"] - 1
+    text = (f"rank {row['rank']}: {better} result{'s are' if better != 1 else ' is'} faster beyond doubt (a 95% "
+            f"interval wholly above this one's)")
+    if row["tied_with"]:
+        text += (f"; = tied: its interval overlaps {len(row['tied_with'])} other ranked result"
+                 f"{'s' if len(row['tied_with']) != 1 else ''} ({', '.join(row['tied_with'])}), which it cannot be "
+                 f"told apart from")
+    return text
 
 
 def recommend(rows: Iterable[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:
-    """The Pareto-front rows whose quality loss is within the budget, fastest first, with tie-aware ranks.
+    """The rows a user may pick under `budget`: within it, with a reliable and measured speedup (the speedup's
+    interval wholly above 1x), fastest first, with `rank`, `tied_with`, `allowed` and `sure` (`rank_within`).
+    The noise floor, unreliable speeds and methods with no measured speedup are never recommended."""
+    return [r for r in rank_within(rows, budget) if r["standing"] == "ranked"]
 
-    Only rows that may be ranked take part (`rankable`): a row with an unreliable speed, or the noise floor,
-    is never recommended and never shapes the front. Each returned row gains `rank` (by speedup interval),
-    `allowed` (the budget in metric units) and `sure` (True when even the pessimistic end of the quality
-    interval is within the budget).
-    """
-    rows = [r for r in rows if rankable(r)]
-    front = pareto_front(rows)
-    picked = []
-    for i in sorted(front):
-        row = rows[i]
-        allowed = budget.allowed(row["ref"] if row["ref"] is not None else 0.0)
-        if drop(row) <= allowed + 1e-12:
-            worst = -goodness_interval(row)[0]
-            picked.append({**row, "allowed": allowed, "sure": worst <= allowed + 1e-12})
-    picked.sort(key=lambda r: (-r["speedup"], -goodness(r), r["method"], r["id"]))
-    for row, rank in zip(picked, tied_ranks([speed_interval(r) for r in picked])):
-        row["rank"] = rank
-    return picked
+
+def left_out(rows: Iterable[dict[str, Any]], budget: Budget, which: str) -> list[dict[str, Any]]:
+    """The rows of one standing ("no-speedup", "unreliable", "outside"), in `rank_within`'s order: what a
+    recommendation did not pick and why."""
+    return [r for r in rank_within(rows, budget) if r["standing"] == which]
 
 
 def unreliable_within(rows: Iterable[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:
     """The rows within the budget that `recommend` leaves out because their speed is unreliable (the noise
     floor aside), fastest first: what a recommendation would have weighed had they been timed reliably."""
-    out = [r for r in rows if not r["speed_ok"] and not is_noise_floor(r) and within(r, budget)]
-    return sorted(out, key=lambda r: (-r["speedup"], -goodness(r), r["method"], r["id"]))
+    return left_out(rows, budget, "unreliable")
+
+
+def family_best(rows: Iterable[dict[str, Any]], budgets: dict[str, Budget]) -> dict[tuple[str, str], dict]:
+    """The equal-quality view: for each (family, task), the fastest recommended row of that family on that task
+    under the task's budget (`budgets[task]`). Rows are one profile's; a family with no pick is absent."""
+    by: dict[tuple[str, str], list] = {}
+    for r in rows:
+        if not is_noise_floor(r):
+            by.setdefault((r["family"], r["task"]), []).append(r)
+    out = {}
+    for key, frows in sorted(by.items()):
+        picks = recommend(frows, budgets[key[1]])
+        if picks:
+            out[key] = picks[0]
+    return out
 
 
 def sorted_unique(values: Iterable[Any]) -> list[Any]:

@@ -14,24 +14,50 @@ from leaderboard import data as D
 FAMILY_ORDER = ("distillation", "caching", "pruning", "decoding", "none")
 
 
-# --- number formats (the same rules as assets/task.js) ------------------------------------------------------
+# --- number formats: one per quantity, the same rules as static/task.js -------------------------------------
+# A metric between 0 and 1 (accuracy, exact match, agreement) reads as a percentage and its changes in
+# percentage points to 1 decimal; any other metric (FID) to 2 decimals; speedups to 2 decimals; counts (MACs,
+# parameters) with k/M/G; memory in binary units with its ratio to the reference.
+def _no_minus_zero(text: str) -> str:
+    return text.lstrip("+-") if float(text.split()[0]) == 0 else text
+
+
 def fq(v: float | None, metric: str = "") -> str:
+    """A quality value: `96.4%` for a fraction metric, `12.34` otherwise."""
     if v is None:
         return "–"
-    return f"{v * 100:.2f}%" if D.is_fraction_metric(metric) else f"{v:.4g}"
+    return f"{v * 100:.1f}%" if D.is_fraction_metric(metric) else f"{v:.2f}"
 
 
 def fdelta(v: float | None, metric: str = "") -> str:
+    """A quality change, signed: `-0.3 pp` for a fraction metric, `+0.29` otherwise; never "-0.0"."""
     if v is None:
         return "–"
-    pct = D.is_fraction_metric(metric)
-    text = f"{v * 100:+.2f}" if pct else f"{v:+.3g}"
-    text = text.lstrip("+-") if float(text) == 0 else text  # never "-0.00"
-    return text + " pp" if pct else text
+    if D.is_fraction_metric(metric):
+        return _no_minus_zero(f"{v * 100:+.1f}") + " pp"
+    return _no_minus_zero(f"{v:+.2f}")
 
 
 def fspeed(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}×" if v < 100 else f"{v:.0f}×"
+
+
+def fcount(n: int | float | None) -> str:
+    """A count (MACs, parameters) with 3 significant digits and k/M/G: `1.14 G`, `11.4 M`, `930 k`."""
+    if n is None:
+        return "–"
+    n = float(n)
+    for div, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def fratio(v: float | None, ref: float | None) -> str:
+    """A method's figure relative to the reference's: `1.49×` (more than the reference), `0.25×`."""
+    if v is None or not ref:
+        return "–"
+    return f"{v / ref:.2f}×"
 
 
 def fbytes(n: int | float | None) -> str:
@@ -43,6 +69,24 @@ def fbytes(n: int | float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def fmem(n: int | float | None, ref: int | float | None) -> str:
+    """Peak memory with its ratio to the reference's: `32.1 MiB (1.49× ref)`."""
+    return fbytes(n) + (f" ({fratio(n, ref)} ref)" if n is not None and ref else "")
+
+
+def fshare(v: float | None) -> str:
+    """A share between 0 and 1 as a percentage: agreement 0.9844 reads `98.4%`."""
+    return "–" if v is None else f"{v * 100:.1f}%"
+
+
+def ffidelity(v: float | None, metric: str) -> str:
+    """Agreement with the reference: a share (`top1_agreement`, `identical_answer_tokens`) as a percentage, any
+    other measure (`ssim_to_reference`) to 3 decimals."""
+    if v is None:
+        return "–"
+    return fshare(v) if D.is_fraction_metric(metric) or "identical" in metric else f"{v:.3f}"
 
 
 def fsecs(s: float | None) -> str:
@@ -58,7 +102,8 @@ def safe_url(u: str | None) -> str:
     return u if isinstance(u, str) and u.lower().startswith(("https://", "http://")) else ""
 
 
-FILTERS = {"fq": fq, "fdelta": fdelta, "fspeed": fspeed, "fbytes": fbytes, "fsecs": fsecs, "safe_url": safe_url}
+FILTERS = {"fq": fq, "fdelta": fdelta, "fspeed": fspeed, "fbytes": fbytes, "fsecs": fsecs, "fcount": fcount,
+           "fmem": fmem, "fshare": fshare, "safe_url": safe_url}
 
 
 def _family_key(f: str) -> tuple[int, str]:
@@ -88,31 +133,97 @@ def noise_floor_view(task: str, profile: str, rows: list[dict]) -> dict[str, Any
     return out
 
 
+def budget_control(metric: str, default: str) -> dict[str, Any]:
+    """The task page's budget control: the task's default budget and the units that make sense for its metric."""
+    b = D.parse_budget(default, metric)
+    unit = "%" if b.relative else ("pp" if b.label.endswith(" pp") else metric.lower())
+    amount = b.amount if b.relative else (b.amount * 100 if unit == "pp" else b.amount)
+    units = [{"value": "%", "text": "% of the reference"}]
+    if D.is_fraction_metric(metric):
+        units.append({"value": "pp", "text": "pp (absolute)"})
+    else:
+        units.append({"value": metric.lower(), "text": f"{metric} (absolute)"})
+    return {"default": f"{amount:g}{unit}", "amount": f"{amount:g}", "unit": unit, "units": units}
+
+
+def task_budget(spec: Any, metric: str) -> D.Budget:
+    """The budget a task declares (`register_task(quality_budget=...)`), 1% relative when it declares none or
+    cannot be read from the registry."""
+    try:
+        return D.parse_budget(getattr(spec, "quality_budget", "1%") or "1%", metric)
+    except D.BudgetError:
+        return D.parse_budget("1%")
+
+
 # --- home ---------------------------------------------------------------------------------------------------
-def task_card(task: str, records: list, rows: list[dict], spec: Any, budget: D.Budget) -> dict[str, Any]:
+def task_card(task: str, records: list, rows: list[dict], spec: Any) -> dict[str, Any]:
+    """A task's card on the home page: per profile, the fastest pick of each family within the task's budget
+    (`D.recommend`: a reliable, measured speedup), or why a family has none."""
     tiers = Counter(r.task.tier for r, _, _ in records)
     metric = rows[0]["metric"] if rows else (spec.metric if spec else "")
+    budget = task_budget(spec, metric)
     profiles = []
     for prof in D.sorted_unique(r.profile.name for r, _, _ in records):
         prow = [x for x in rows if x["profile"] == prof]
         best = []
         for fam in sorted({x["family"] for x in prow} - {D.NOISE_FAMILY}, key=_family_key):
-            frows = [x for x in prow if x["family"] == fam]
-            picks = D.recommend(frows, budget)
+            placed = D.rank_within([x for x in prow if x["family"] == fam], budget)
+            picks = [x for x in placed if x["standing"] == "ranked"]
             if picks:
                 best.append(picks[0])
-            else:  # how many would have qualified but for an unreliable speed
-                best.append({"family": fam, "method": None, "unreliable": len(D.unreliable_within(frows, budget))})
+            else:  # why none: how many fit the budget but have no measured or no reliable speedup
+                n = Counter(x["standing"] for x in placed)
+                best.append({"family": fam, "method": None, "no_speedup": n["no-speedup"],
+                             "unreliable": n["unreliable"], "outside": n["outside"]})
         profiles.append({"name": prof, "n": len(prow), "best": best,
                          "n_ranked": sum(1 for x in prow if D.rankable(x)),
                          "n_unreliable": sum(1 for x in prow if not x["speed_ok"] and not D.is_noise_floor(x)),
                          "noise": noise_floor_view(task, prof, prow),
                          "n_failed": sum(1 for r, _, _ in records if r.profile.name == prof and r.status != "ok"),
                          "reference": _ref_text([x["ref"] for x in prow if x["ref"] is not None], metric)})
+    control = budget_control(metric, getattr(spec, "quality_budget", "1%") if spec else "1%")
     return {"name": task, "tier": sorted(tiers, key=lambda t: (-tiers[t], t))[0], "metric": metric,
             "hib": rows[0]["hib"] if rows else (spec.higher_is_better if spec else True),
             "summary": spec.summary if spec else "", "modality": records[0][0].task.modality,
-            "profiles": profiles, "n": len(records), "budget": str(budget)}
+            "profiles": profiles, "n": len(records), "budget": str(budget), "budget_text": control["default"]}
+
+
+def _family_fits() -> set[tuple[str, str]] | None:
+    """(family, task) pairs where at least one registered method of the family fits the task; None when the
+    registries cannot be loaded."""
+    try:
+        from bench.tables import compatibility
+
+        tasks, methods, cells = compatibility()
+    except Exception:  # noqa: BLE001 - the site can be built from results alone
+        return None
+    return {(m.family, t.name) for m in methods for t in tasks if cells[m.name, t.name] == ""}
+
+
+def family_view(rows: list[dict], task_specs: dict) -> list[dict[str, Any]]:
+    """The equal-quality view, "which technique should I try first?": per profile, for each family and task, the
+    fastest pick of that family within the task's own budget (`D.family_best`), or why there is none."""
+    out = []
+    for prof in D.sorted_unique(r["profile"] for r in rows):
+        prow = [r for r in rows if r["profile"] == prof]
+        tasks = D.sorted_unique(r["task"] for r in prow)
+        metric = {t: next(r["metric"] for r in prow if r["task"] == t) for t in tasks}
+        budgets = {t: task_budget(task_specs.get(t), metric[t]) for t in tasks}
+        best = D.family_best(prow, budgets)
+        families = sorted({r["family"] for r in prow} - {D.NOISE_FAMILY}, key=_family_key)
+        fits = _family_fits()
+        lines = []
+        for fam in families:
+            cells = []
+            for t in tasks:
+                b = best.get((fam, t))
+                tried = sum(1 for r in prow if r["family"] == fam and r["task"] == t)
+                cells.append({"task": t, "pick": b, "tried": tried, "metric": metric[t],
+                              "applies": fits is None or (fam, t) in fits})
+            lines.append({"family": fam, "cells": cells, "n": sum(1 for c in cells if c["pick"])})
+        out.append({"profile": prof, "tasks": [{"name": t, "budget": str(budgets[t]), "metric": metric[t]}
+                                               for t in tasks], "families": lines})
+    return out
 
 
 # --- task page ----------------------------------------------------------------------------------------------
@@ -127,13 +238,15 @@ def task_page(card: dict, rows: list[dict], method_specs: dict) -> dict[str, Any
             "ref", "delta", "dlo", "dhi", "speedup", "slo", "shi", "speed_ok", "speed_reasons", "precision",
             "noise", "mem", "mem_ref", "params", "nonzero", "bytes", "cost_s", "verified", "date", "created_at")
     noise = [p["noise"] for p in card["profiles"] if p["name"] in profiles]
-    payload = {"task": card["name"], "metric": card["metric"], "hib": card["hib"],
+    budget = budget_control(card["metric"], card["budget_text"])
+    payload = {"task": card["name"], "metric": card["metric"], "hib": card["hib"], "budget": budget["default"],
+               "units": [u["value"] for u in budget["units"]],
                "pct": D.is_fraction_metric(card["metric"]), "profiles": profiles, "default_profile": default,
                "families": families, "methods": methods, "tiers": tiers,
                "noise": {nf["profile"]: nf["row"]["id"] if nf["row"] else None for nf in noise},
                "rows": [{k: x[k] for k in keep} for x in rows]}
     return {"task": card, "profiles": profiles, "default_profile": default, "families": families,
-            "methods": methods, "tiers": tiers, "noise": noise, "data": payload}
+            "methods": methods, "tiers": tiers, "noise": noise, "budget": budget, "data": payload}
 
 
 # --- method pages -------------------------------------------------------------------------------------------
@@ -234,7 +347,7 @@ def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
         compare.append((q.metric, fq(q.reference_value, metric), fq(q.value, metric), fdelta(q.delta, metric) + ci,
                         ""))
         if r.fidelity:
-            compare.append((r.fidelity.metric, "", f"{r.fidelity.value:.4g}", "", ""))
+            compare.append((r.fidelity.metric, "", ffidelity(r.fidelity.value, r.fidelity.metric), "", ""))
         for ctl in r.controls:
             gi = ctl.gain_interval
             gain = (f"method - control {fdelta(q.value - ctl.value, metric)} [{fdelta(gi.low, metric)}, "
@@ -246,15 +359,16 @@ def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
                         f"(n={s.reference.n}, {s.order})"
                         + ("" if s.status == "ok" else " — unreliable: " + "; ".join(s.reasons)),
                         "" if s.status == "ok" else "unreliable"))
-        compare.append(("peak memory", fbytes(m.reference_peak_bytes), fbytes(m.method_peak_bytes), m.measure, ""))
+        compare.append(("peak memory", fbytes(m.reference_peak_bytes), fmem(m.method_peak_bytes, m.reference_peak_bytes),
+                        m.measure, ""))
         compare.append(("parameters (non-zero)", f"{z.reference.parameters:,} ({z.reference.nonzero_parameters:,})",
                         f"{z.method.parameters:,} ({z.method.nonzero_parameters:,})",
                         f"sparsity {z.sparsity:.1%}" + ("" if z.runtime_exploits_sparsity or z.sparsity == 0
                                                         else " (not exploited by the runtime)"), ""))
         compare.append(("serialized size", fbytes(z.reference.bytes), fbytes(z.method.bytes), "", ""))
         if r.compute:
-            compare.append((f"{r.compute.unit} per call", f"{r.compute.reference:.3g}", f"{r.compute.method:.3g}", "",
-                            ""))
+            compare.append((f"{r.compute.unit} per call", fcount(r.compute.reference), fcount(r.compute.method),
+                            f"{fratio(r.compute.method, r.compute.reference)} the reference's", ""))
         tokens = f", {c.tokens_seen:,} tokens" if c.tokens_seen is not None else ""
         compare.append(("training / calibration", "", f"{fsecs(c.seconds)}, {c.steps:,} steps, "
                         f"{c.samples_seen:,} samples{tokens}", c.description, ""))

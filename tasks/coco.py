@@ -176,6 +176,7 @@ def features_as_tensors(clip):
 
 
 @register_task("coco", modality="image-generation", tier="full", metric="fid", higher_is_better=False, version="1",
+               quality_budget="2%",  # FID within +-2% of the reference (MLPerf-style tolerance)
                summary="text-to-image on a fixed subset of COCO val captions (size by profile); Stable Diffusion "
                        "v1.5, DDIM-50, guidance 7.5; FID (torch-fidelity) and CLIP score (torchmetrics)")
 class Coco(LatentDiffusionTask):

@@ -216,6 +216,7 @@ def image_fidelity(reference_images, method_images) -> dict[str, float]:
 
 
 @register_task("digits-gen", modality="image-generation", tier="embedded", metric="fid", higher_is_better=False,
+               quality_budget="2%",  # FID within +-2% of the reference (MLPerf-style tolerance)
                version="1", summary="class-conditional diffusion on 16x16 digits; 0.93M-param UNet, DDIM-50; "
                                     "FID with a digits-classifier feature extractor")
 class DigitsGen(DigitsGenTask):
@@ -226,6 +227,7 @@ class DigitsGen(DigitsGenTask):
 
 
 @register_task("digits-gen-dit", modality="image-generation", tier="embedded", metric="fid", higher_is_better=False,
+               quality_budget="2%",  # FID within +-2% of the reference (MLPerf-style tolerance)
                version="1", summary="class-conditional diffusion on 16x16 digits; 0.83M-param DiT (4 blocks, "
                                     "patch 2), DDIM-50; FID with a digits-classifier feature extractor")
 class DigitsGenDiT(DigitsGenTask):

@@ -79,6 +79,7 @@ def make_denoise(guidance: float, null_class: int, channels: int) -> Callable:
 
 
 @register_task("imagenet-fid", modality="image-generation", tier="full", metric="fid", higher_is_better=False,
+               quality_budget="2%",  # FID within +-2% of the reference (MLPerf-style tolerance)
                version="1", summary="class-conditional ImageNet 256x256, DiT-XL/2 via diffusers, DDIM-50, guidance "
                                     "1.5; FID (torch-fidelity) against ImageNet reference statistics")
 class ImagenetFid(LatentDiffusionTask):

@@ -33,6 +33,9 @@
   }
   function apply() {
     var tier = document.getElementById('f-tier').value, prof = document.getElementById('f-profile').value;
+    Array.prototype.forEach.call(document.querySelectorAll('.profile-scope'), function (b) {
+      b.hidden = !!prof && b.getAttribute('data-profile') !== prof;
+    });
     Array.prototype.forEach.call(document.querySelectorAll('.card'), function (c) {
       var blocks = c.querySelectorAll('.profile-block'), any = false;
       Array.prototype.forEach.call(blocks, function (b) {

@@ -81,7 +81,7 @@ def test_task_page_from_file_url(browser, results_tree: Path, tmp_path: Path):
     assert page.locator("#plot path.front").count() == 1
     assert page.locator("#tbody tr.front").count() == page.locator("#plot circle.on-front").count() >= 2
     # the injected hyper-parameter renders as text, and hovering shows it as text too
-    assert XSS in page.locator("#tbody").inner_text()
+    assert XSS in page.locator("#tbody").text_content()  # (in a secondary column and the method's title)
     page.locator("#plot circle.pt").first.hover()
     assert not page.locator("#tip").is_hidden()
     page.screenshot(path=str(tmp_path / "task.png"), full_page=True)
@@ -133,7 +133,7 @@ def test_click_a_point_opens_its_run_page(browser, results_tree: Path, tmp_path:
     w = Watched(browser)
     w.goto((site / "tasks" / "digits.html").as_uri() + "#profile=cpu&method=magnitude")
     assert counts(w.page) == (2, 2)
-    rows = w.page.locator("#tbody tr[data-id]").all_inner_texts()
+    rows = w.page.locator("#tbody tr[data-id]").all_text_contents()
     i = next(i for i, t in enumerate(rows) if XSS in t)  # points are drawn in the table's order
     with w.page.expect_navigation():
         w.page.locator(f"#plot circle.pt[data-i='{i}']").click()
@@ -191,6 +191,68 @@ def test_unreliable_speeds_and_the_noise_floor(browser, tmp_path: Path):
     nf = page.locator("#noise-floors p:visible")
     assert nf.count() == 1 and "no noise-floor record yet" in nf.inner_text()
     assert page.locator("#plot rect.nfband").count() == 0
+    w.check_clean()
+    w.context.close()
+
+
+def ranked_methods(page) -> list[str]:
+    return page.locator("#tbody tr.st-ranked td.method > a:first-child").all_inner_texts()
+
+
+def test_the_budget_control_ranks_what_fits_it(browser, results_tree: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    site = build_site(results_tree, tmp_path / "site").out
+    w = Watched(browser)
+    page = w.page
+    w.goto((site / "tasks" / "digits.html").as_uri())
+    # the page opens on the task's budget (1% of the reference: 0.98 pp of 98.0%)
+    assert page.locator("#f-budget-amount").input_value() == "1" and page.locator("#f-budget-unit").input_value() == "%"
+    assert "1.0 pp below the reference's 98.0%" in page.locator("#budget-text").inner_text()
+    # within it, with a measured speedup, fastest first: kd (3.0x), deepcache (2.2x), magnitude (1.4x)
+    assert ranked_methods(page) == ["kd", "deepcache", "magnitude"]
+    assert page.locator("#tbody tr.st-ranked td.rank").all_inner_texts() == ["1", "2", "3"]
+    # speculative (0.9x) fits the budget but has no measured speedup: named so, never ranked
+    spec = page.locator("#tbody tr.st-no-speedup")
+    assert spec.count() == 1 and "no measured speedup" in spec.locator("td.rank").inner_text()
+    assert page.locator("#tbody tr.st-outside").count() == 2  # kd T=2 (-3 pp) and magnitude 0.9 (-5 pp)
+    groups = page.locator("#tbody tr.group th").all_inner_texts()
+    assert [g.split(":")[0].split(",")[0] for g in groups] == ["Within the budget", "Within the budget",
+                                                               "Outside the budget"]
+    # the page and `bench recommend` agree, rank for rank
+    res = CliRunner().invoke(app, ["recommend", "-t", "digits", "--max-drop", "1%", "--json",
+                                   "--results", str(results_tree)])
+    assert [p["method"] for p in json.loads(res.stdout)] == ranked_methods(page)
+
+    # a looser budget (5 pp) lets kd T=2 in: it and kd T=4 overlap, so both rank 1 and are marked tied
+    page.fill("#f-budget-amount", "5")
+    page.select_option("#f-budget-unit", "pp")
+    page.wait_for_function("location.hash.includes('budget=5pp')")
+    assert ranked_methods(page)[:2] == ["kd", "kd"]
+    ranks = page.locator("#tbody tr.st-ranked td.rank")
+    assert ranks.all_inner_texts()[:2] == ["1=", "1="]
+    tip = ranks.first.locator("span").first.get_attribute("title")
+    assert tip.startswith("rank 1: 0 results are faster beyond doubt") and "= tied: its interval overlaps 1 other" in tip
+    res = CliRunner().invoke(app, ["recommend", "-t", "digits", "--max-drop", "5pp", "--json",
+                                   "--results", str(results_tree)])
+    assert [p["method"] for p in json.loads(res.stdout)] == ranked_methods(page)
+    # the budget is kept in the URL: a reload, or the link shared, opens the same view
+    page.reload()
+    page.wait_for_load_state("load")
+    assert page.locator("#f-budget-amount").input_value() == "5" and page.locator("#f-budget-unit").input_value() == "pp"
+    # an unreadable amount is marked and the last budget kept
+    page.fill("#f-budget-amount", "")
+    page.locator("#f-budget-amount").dispatch_event("change")
+    assert "invalid" in page.locator("#f-budget-amount").get_attribute("class")
+    assert "budget=5pp" in page.url
+    # secondary columns hide behind a toggle, and the run link stays in the method cell
+    assert page.locator("#table th.sec").first.is_hidden() or page.locator("#table.all-cols").count() == 0
+    assert page.locator("#tbody td.method a.run-link").count() == 7
+    page.locator("#toggle-cols").click()
+    page.wait_for_function("location.hash.includes('cols=all')")
+    assert page.locator("#table.all-cols").count() == 1
     w.check_clean()
     w.context.close()
 
