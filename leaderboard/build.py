@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from leaderboard import data as D
-from leaderboard import pages
+from leaderboard import methodology, pages
 
 PACKAGE = Path(__file__).parent
 STATIC = PACKAGE / "static"
@@ -156,9 +156,15 @@ def _render_all(loaded: D.Loaded, results: Path, site: Path) -> BuildReport:
             root="../", data_json=script_json(ctx.pop("data")), **ctx))
         n += 1
     profiles = D.sorted_unique(p["name"] for c in cards for p in c["profiles"])
+    docs = methodology.copy_docs(site)
+    method_ctx = methodology.methodology_page(rows, loaded.results, task_specs, docs)
+    _write(site, "methodology.html", env.get_template("methodology.html").render(root="", m=method_ctx))
+    n += 1
     _write(site, "index.html", env.get_template("index.html").render(
         root="", cards=cards, profiles=profiles, tiers=D.sorted_unique(c["tier"] for c in cards),
-        n_results=report.results, n_invalid=len(loaded.invalid), families=pages.family_view(rows, task_specs)))
+        n_results=report.results, n_invalid=len(loaded.invalid), families=pages.family_view(rows, task_specs),
+        not_run=[t for t in method_ctx["tasks"] if not t["has_page"]],
+        idle_profiles=[p for p in method_ctx["profiles"] if not p["n"]], latest=method_ctx["latest"]))
     methods = [pages.method_page(m, records_by_method[m], method_specs.get(m)) for m in sorted(records_by_method)]
     _write(site, "methods/index.html", env.get_template("methods.html").render(
         root="../", methods=methods, matrix=pages.compatibility_view()))

@@ -1,4 +1,10 @@
-"""From the results tree to leaderboard rows: loading, Pareto fronts, tie-aware ranks, quality budgets.
+"""From the results tree to leaderboard rows: loading, quality budgets, standings, tie-aware ranks, Pareto fronts.
+
+A task is read budget first: under a quality budget each row has one standing (`standing`): within the budget
+with a measured speedup (its speedup interval wholly above 1x: ranked), within it with no measured speedup,
+within it with an unreliable speed, or outside it. Only the first are ranked or recommended. A rank counts the
+ranked rows faster beyond doubt (`tied_ranks`); '=' marks exactly the rows whose intervals overlap another's
+(`overlapping`), the one tie rule of the site and `bench recommend`.
 
 Everything here is a pure function of its inputs, ordered stably, so the site built from it is byte-identical
 for the same results tree. The same code answers `bench recommend`, so the terminal and the site agree.
