@@ -12,11 +12,11 @@ results root (it is the prefix of each row's link to its record), never on the m
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from bench import formats
 from bench.result import Result
 from bench.store import InvalidResult, iter_result_files, load_result
 
@@ -35,42 +35,15 @@ class MarkerError(ValueError):
 
 def is_percent_metric(metric: str) -> bool:
     """Fractions shown as percentages (deltas in percentage points): accuracies, exact match, agreement."""
-    return any(w in metric for w in ("accuracy", "match", "agreement", "identical"))
-
-
-def _is_fid(metric: str) -> bool:
-    return "fid" in metric.lower()
-
-
-def _signed(text: str) -> str:
-    """'-0.0' and '+0.0' read as '0.0': a rounded zero has no sign."""
-    body = text.lstrip("+-")
-    try:
-        if float(body) == 0:
-            return body
-    except ValueError:
-        pass
-    return text
+    return formats.is_fraction_metric(metric)
 
 
 def fmt_value(v: float, metric: str) -> str:
-    if not math.isfinite(v):
-        return str(v)
-    if is_percent_metric(metric):
-        return f"{v * 100:.2f}%"
-    if _is_fid(metric):
-        return f"{v:.2f}"
-    return f"{v:.4g}"
+    return formats.fq(v, metric)
 
 
 def fmt_delta(v: float, metric: str, unit: bool = True) -> str:
-    if not math.isfinite(v):
-        return str(v)
-    if is_percent_metric(metric):
-        return _signed(f"{v * 100:+.1f}") + (" pp" if unit else "")
-    if _is_fid(metric):
-        return _signed(f"{v:+.2f}")
-    return _signed(f"{v:+.4g}")
+    return formats.fdelta(v, metric, unit)
 
 
 def fmt_delta_with_interval(delta: float, interval: Any, metric: str) -> str:
@@ -82,7 +55,8 @@ def fmt_delta_with_interval(delta: float, interval: Any, metric: str) -> str:
 
 def fmt_speed(r: Result) -> str:
     s = r.speed
-    text = f"{s.speedup:.2f}x [{s.interval.low:.2f}, {s.interval.high:.2f}]"
+    text = (f"{formats.fspeed(s.speedup, 'x')} [{formats.fspeed(s.interval.low, '')}, "
+            f"{formats.fspeed(s.interval.high, '')}]")
     return text if s.status == "ok" else f"{text} (unreliable)"
 
 
@@ -114,11 +88,7 @@ def fmt_seconds(s: float) -> str:
 
 
 def _fmt_fidelity(value: float, metric: str) -> str:
-    if "ssim" in metric:
-        return f"{value:.3f}"
-    if 0 <= value <= 1:
-        return f"{value * 100:.1f}%"
-    return f"{value:.4g}"
+    return formats.ffidelity(value, metric)
 
 
 def _fmt_secondary(value: float, name: str) -> str:
