@@ -314,8 +314,8 @@ class QualityRule(str, Enum):
 @app.command()
 def reproduce(
     result: Annotated[Path, typer.Argument(help="a result JSON in a results tree")],
-    force: Annotated[bool, typer.Option(help="reproduce even when bench, task, method or package versions "
-                                            "differ (the differences are recorded)")] = False,
+    force: Annotated[bool, typer.Option(help="reproduce even when the bench, task or method version, or that of "
+                                            "a package they import, differs (recorded; shown as forced)")] = False,
     quality: Annotated[QualityRule, typer.Option(help="exact: equal for the fixed seed; interval: inside the "
                                                      "record's interval (noisy metrics)")] = QualityRule.exact,
     by: Annotated[Optional[str], typer.Option(help="who verifies (default: git user.name, else the login)")] = None,
@@ -325,7 +325,8 @@ def reproduce(
 ) -> None:
     """Re-run a record's exact configuration, compare quality (exactly) and speed (the record's speedup inside
     the re-run's interval, widened by the profile's precision target; the re-run's speed must be ok), and on
-    success write <run-id>.verified.json beside it. Exit 1 on a mismatch, 2 when it refuses to run."""
+    success write <run-id>.verified.json beside it. Other versions of packages the task and method do not
+    import, and another lock, are warnings. Exit 1 on a mismatch, 2 when it refuses to run."""
     import warnings
 
     from bench.progress import RichReporter
@@ -334,12 +335,14 @@ def reproduce(
     warnings.showwarning = lambda message, *a, **k: err.print(f"[yellow]warning:[/] {escape(str(message))}",
                                                               highlight=False)
     try:
-        ok, checks, v, diffs = do_reproduce(result, force=force, quality_rule=quality.value, by=by,
-                                            reporter=RichReporter(err), speed_tolerance=speed_tolerance)
+        ok, checks, v, diffs, warns = do_reproduce(result, force=force, quality_rule=quality.value, by=by,
+                                                   reporter=RichReporter(err), speed_tolerance=speed_tolerance)
     except ReproduceRefused as e:
         _fail(f"not reproduced: {e}")
     for d in diffs:
         err.print(f"[yellow]forced past a version difference:[/] {escape(d)}", highlight=False)
+    for w in warns:
+        err.print(f"[yellow]difference (recorded; not a refusal):[/] {escape(w)}", highlight=False)
     out.print(checks_table(checks, escape(f"Reproducing {result}")))
     if not ok:
         bad = [c.name for c in checks if not c.ok]
@@ -383,8 +386,10 @@ from bench.cli_records import remeasure, report  # noqa: E402 - light: typer and
 app.command()(remeasure)
 app.command()(report)
 from bench.cli_new import new_app  # noqa: E402 - light: typer and rich only
+from bench.cli_lock import lock_app  # noqa: E402 - light: typer and rich only
 
 app.add_typer(new_app, name="new")
+app.add_typer(lock_app, name="lock")
 
 
 def main() -> None:

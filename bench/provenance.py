@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import __version__
-from bench.result import Provenance
+from bench.result import LockInfo, Provenance
 
 # The packages whose versions can change a number in a result.
 TRACKED_PACKAGES = ("torch", "torchvision", "numpy", "scikit-learn", "safetensors", "pydantic", "transformers",
@@ -77,9 +77,32 @@ def portable_command(argv: list[str]) -> list[str]:
     return out
 
 
-def provenance(cfg_hash: str, argv: list[str] | None = None) -> Provenance:
+def locked_names(lock_name: str | None) -> set[str] | None:
+    """The distributions bench pins: lock `lock_name`'s, else the closure of the project's requirements as
+    installed (what a refreshed lock would pin); None when neither can be read."""
+    from bench import lock as L
+
+    if lock_name:
+        try:
+            return set(L.load_lock(lock_name).versions())
+        except (L.LockError, OSError):
+            pass
+    try:
+        return set(L.generate(L.DEFAULT_LOCK).versions())
+    except (L.LockError, OSError):
+        return None
+
+
+def provenance(cfg_hash: str, argv: list[str] | None = None, lock: str | None = None,
+               code: tuple | None = None) -> Provenance:
+    """Where a run comes from. `lock`: the profile's lock (its name, hash and whether this install matches it
+    are recorded); `code`: (task spec, method spec), whose imported distributions are recorded."""
+    from bench.imported import imported_versions
+    from bench.lock import lock_state
+
     sha, dirty = git_state()
     argv = portable_command(list(sys.argv if argv is None else argv))
+    state = lock_state(lock) if lock else None
     return Provenance(
         bench_version=__version__,
         git_sha=sha,
@@ -89,4 +112,7 @@ def provenance(cfg_hash: str, argv: list[str] | None = None) -> Provenance:
         packages=package_versions(),
         platform=platform.platform(),
         python=platform.python_version(),
+        lock=LockInfo(name=state.name, sha256=state.sha256, matched=state.matched,
+                      differences=list(state.differences)) if state else None,
+        imported_packages=imported_versions(*code, among=locked_names(lock)) if code else None,
     )

@@ -3,8 +3,14 @@
 1. The record is read and validated (schema and invariants: a record whose numbers do not add up, whose
    config hash does not match its configuration, or which does not lie where its own fields place it, is
    refused before anything runs).
-2. Versions are compared: bench, the task, the method and every tracked package. Any difference refuses the
-   reproduction (exit 2) unless `force`, in which case the differences are written into the verification.
+2. Versions are compared (`classify_differences`). A different bench, task or method version, or a different
+   version of a package the task's or the method's code imports (`bench.imported`: the record's
+   `imported_packages`, and what the code imports here), refuses the reproduction (exit 2) unless `force`, in
+   which case those differences are written into the verification and it is "forced". Every other package
+   difference, a lock other than the record's (another name, or its pins refreshed since), an install that does
+   not match its lock, or a record made before locks, is a warning: printed, written into the verification
+   (`warnings`), and the verification is not forced. Where what the code imports cannot be told here, every
+   package difference refuses, as before.
 3. The run is repeated in this process with the record's task, method, hyper-parameters, profile, seed and
    budget, into a temporary folder (the results tree gets no second record of the same run).
 4. Compared: quality must be equal for a fixed seed (`quality_rule="exact"`: value, reference value, n,
@@ -97,7 +103,8 @@ class Verification(BaseModel):
     bench_version: str
     git_sha: str | None
     forced: bool = False  # reproduced past version differences: never shown as verified
-    version_differences: list[str] = []
+    version_differences: list[str] = []  # what it was forced past (bench, task, method, imported packages)
+    warnings: list[str] = []  # differences that do not refuse (other packages, the lock): shown beside "verified"
     quality_rule: Literal["exact", "interval"] = "exact"
     speed_tolerance: float = Field(0.0, ge=0, le=1)  # the maintainer's, where larger than the profile's
     speed: SpeedJudgement | None = None  # None only in a file bench did not write, which verifies nothing
@@ -179,8 +186,21 @@ def read_record(path: Path) -> Result:
 
 
 def version_differences(record: Result) -> list[str]:
-    from bench import __version__
+    """Every difference of bench, task, method and tracked package versions (`bench remeasure` refuses the
+    first three). Raises `RegistryError` for a task or method this checkout does not have."""
     from bench.provenance import package_versions
+
+    diffs = _code_differences(record)
+    here = package_versions()
+    for name in sorted(set(record.provenance.packages) | set(here)):
+        a, b = record.provenance.packages.get(name), here.get(name)
+        if a != b:
+            diffs.append(f"package {name}: record {a or '(absent)'}, here {b or '(absent)'}")
+    return diffs
+
+
+def _code_differences(record: Result) -> list[str]:
+    from bench import __version__
     from bench.registry import get_method_spec, get_task_spec
 
     diffs = []
@@ -193,12 +213,84 @@ def version_differences(record: Result) -> list[str]:
         diffs.append(f"method {m.name} version: record {record.method.version}, here {m.version}")
     if record.method.family != m.family:
         diffs.append(f"method {m.name} family: record {record.method.family}, here {m.family}")
-    here = package_versions()
-    for name in sorted(set(record.provenance.packages) | set(here)):
-        a, b = record.provenance.packages.get(name), here.get(name)
-        if a != b:
-            diffs.append(f"package {name}: record {a or '(absent)'}, here {b or '(absent)'}")
     return diffs
+
+
+def classify_differences(record: Result) -> tuple[list[str], list[str]]:
+    """(refusing, warnings): the differences between the record's versions and this checkout and install that
+    refuse a reproduction without --force (bench, task, method; a package the task or the method imports), and
+    those that are only warnings (other packages; the lock). Raises `RegistryError` for unknown names."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    from bench.imported import imported_versions
+    from bench.lock import lock_state, same_version
+    from bench.provenance import TRACKED_PACKAGES, locked_names
+    from bench.registry import RegistryError, get_method_spec, get_task_spec
+
+    refusing, warns = _code_differences(record), []
+    p = record.provenance
+    try:
+        from bench.profiles import load_profile
+
+        lock_name = load_profile(record.profile.name).lock
+    except RegistryError:
+        lock_name = p.lock.name if p.lock else None
+    here_imported = imported_versions(get_task_spec(record.task.name), get_method_spec(record.method.name),
+                                      among=locked_names(lock_name))
+    strict = here_imported is None
+    if strict:
+        warns.append("what the task and method import cannot be told here, so every package difference refuses")
+    imported = set(here_imported or {}) | {canonicalize_name(n) for n in p.imported_packages or {}}
+    recorded: dict[str, list[str]] = {}  # a name may be in both `packages` and `imported_packages`
+    for n, v in [*p.packages.items(), *(p.imported_packages or {}).items()]:
+        if v not in recorded.setdefault(canonicalize_name(n), []):
+            recorded[canonicalize_name(n)].append(v)
+
+    def here(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    for name in sorted(set(recorded) | {n for n in TRACKED_PACKAGES if here(n)}):
+        b = here(name)
+        for a in recorded.get(name) or [None]:
+            if a is not None and b is not None and same_version(a, b):
+                continue
+            if a is None and name in imported:
+                continue  # listed below, once
+            text = f"package {name}: record {a or '(absent)'}, here {b or '(absent)'}"
+            if a is not None and (strict or name in imported):
+                refusing.append(text + (" (imported by the task or the method)" if name in imported else ""))
+            else:
+                warns.append(text + " (not imported by the task or the method)")
+    unknown = sorted(n for n in imported if n not in recorded)
+    if unknown:
+        warns.append("imported by the task or the method, but the record does not give their versions (made "
+                     "before records listed them): " + ", ".join(unknown))
+    state = lock_state(lock_name) if lock_name else None
+    if p.lock is None:
+        warns.append("the record names no lock (made before bench pinned its environment)")
+    else:
+        if state is None or state.name != p.lock.name:
+            warns.append(f"lock: the record's is {p.lock.name}, here {state.name if state else 'none can be read'}")
+        elif state.sha256 != p.lock.sha256:
+            warns.append(f"lock {p.lock.name}: record sha256 {p.lock.sha256[:12]}, here {state.sha256[:12]} (its "
+                         f"pins changed since the run)")
+        if not p.lock.matched:
+            warns.append(f"the record's install did not match its lock {p.lock.name}: "
+                         + _few(p.lock.differences))
+    if state is not None and not state.matched:
+        warns.append(f"this install does not match lock {state.name} (`bench lock check`): "
+                     + _few(state.differences))
+    return refusing, warns
+
+
+def _few(items, n: int = 5) -> str:
+    items = list(items)
+    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")
 
 
 def profile_tolerance(record: Result) -> float:
@@ -295,8 +387,10 @@ def differences(orig: Result, new: Result) -> dict[str, float]:
 
 
 def make_verification(record: Result, new: Result, result_file: str, by: str, diffs: list[str],
-                      quality_rule: str = "exact", speed_tolerance: float = 0.0) -> Verification:
-    """The verification of `record` by its re-run `new` (whether or not the checks pass: `verified` says)."""
+                      quality_rule: str = "exact", speed_tolerance: float = 0.0,
+                      warnings: list[str] | None = None) -> Verification:
+    """The verification of `record` by its re-run `new` (whether or not the checks pass: `verified` says).
+    `diffs`: the refusing differences it was forced past; `warnings`: the others."""
     from bench import __version__
 
     checks = compare(record, new, quality_rule, speed_tolerance, forced=bool(diffs))
@@ -306,6 +400,7 @@ def make_verification(record: Result, new: Result, result_file: str, by: str, di
         verified=all(c.ok for c in checks), verified_by=by,
         verified_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=new.profile.detected,
         bench_version=__version__, git_sha=new.provenance.git_sha, forced=bool(diffs), version_differences=diffs,
+        warnings=list(warnings or []),
         quality_rule=quality_rule, speed_tolerance=speed_tolerance, speed=speed,
         differences=differences(record, new), checks=checks, rerun=new.model_dump(mode="json", by_alias=True))
 
@@ -358,21 +453,25 @@ def verifier() -> str:
 
 
 def reproduce(path: Path, force: bool = False, quality_rule: str = "exact", by: str | None = None,
-              reporter=None, speed_tolerance: float = 0.0) -> tuple[bool, list[Check], Verification | None, list[str]]:
-    """(verified, checks, verification written or None, version differences). Raises `ReproduceRefused`.
-    `speed_tolerance` widens the re-run's speedup interval where it is larger than the profile's tolerance."""
+              reporter=None, speed_tolerance: float = 0.0
+              ) -> tuple[bool, list[Check], Verification | None, list[str], list[str]]:
+    """(verified, checks, verification written or None, refusing differences forced past, warnings). Raises
+    `ReproduceRefused`. `speed_tolerance` widens the re-run's speedup interval where it is larger than the
+    profile's tolerance."""
     from bench.config import ConfigError
     from bench.registry import RegistryError
     from bench.runner import RunFailed, run
 
     record = read_record(path)
     try:
-        diffs = version_differences(record)
+        diffs, warns = classify_differences(record)
     except RegistryError as e:
         raise ReproduceRefused(f"the record names something this checkout does not have: {e}") from None
     if diffs and not force:
-        raise ReproduceRefused("the record was made with other versions, so its numbers need not repeat here:\n  "
-                               + "\n  ".join(diffs) + "\n(--force reproduces anyway and records the differences)")
+        also = ("\nother differences, warnings only:\n  " + "\n  ".join(warns)) if warns else ""
+        raise ReproduceRefused("the record was made with other versions of what its numbers depend on, so they "
+                               "need not repeat here:\n  " + "\n  ".join(diffs) + also
+                               + "\n(--force reproduces anyway and records the differences)")
     budget = record.budget
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
         try:
@@ -383,11 +482,12 @@ def reproduce(path: Path, force: bool = False, quality_rule: str = "exact", by: 
             raise ReproduceRefused(f"the record's configuration cannot run here: {e}") from None
         except RunFailed as e:
             new = e.result
-    v = make_verification(record, new, Path(path).name, by or verifier(), diffs, quality_rule, speed_tolerance)
+    v = make_verification(record, new, Path(path).name, by or verifier(), diffs, quality_rule, speed_tolerance,
+                          warns)
     if not v.verified:
-        return False, v.checks, None, diffs
+        return False, v.checks, None, diffs, warns
     atomic_write_text(verification_path(Path(path)), v.to_json())
-    return True, v.checks, v, diffs
+    return True, v.checks, v, diffs, warns
 
 
 def checks_table(checks: list[Check], title: str):

@@ -254,6 +254,15 @@ class Cost(_M):
     description: str = ""
 
 
+class LockInfo(_M):
+    """The pinned environment a run was made in (`bench.lock`, locks/<name>.txt)."""
+    name: str = Field(pattern=_NAME)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the lock's pins (its `# pins sha256:` "
+                        "header line)")
+    matched: bool = Field(description="the installed versions were exactly the lock's when the run started")
+    differences: list[str] = Field(default_factory=list, description="where they were not (`bench lock check`)")
+
+
 class Provenance(_M):
     bench_version: str
     git_sha: str | None
@@ -263,6 +272,12 @@ class Provenance(_M):
     packages: dict[str, str]
     platform: str
     python: str
+    lock: LockInfo | None = Field(None, description="the profile's lock and whether the install matched it "
+                                  "(absent in records made before bench pinned its environment)")
+    imported_packages: dict[str, str] | None = Field(
+        None, description="the locked distributions the task's and the method's code imports, with their "
+        "versions (bench.imported): `bench reproduce` refuses where one of these differs; absent where it could "
+        "not be told")
 
 
 class ErrorInfo(_M):

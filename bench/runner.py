@@ -115,6 +115,8 @@ def _run(task_name, method_name, profile_name, seed, overrides, strict, results_
 
     cfg_hash = config_hash(tspec.name, tspec.version, mspec.name, mspec.version, hparams, profile.name, seed,
                            __version__)
+    with reporter.step("Checking the pinned environment and what the code imports (cached afterwards)"):
+        prov = provenance(cfg_hash, argv, lock=profile.lock, code=(tspec, mspec))
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{cfg_hash[:8]}-{secrets.token_hex(2)}"
     common = dict(
@@ -124,7 +126,7 @@ def _run(task_name, method_name, profile_name, seed, overrides, strict, results_
         profile=ProfileInfo(name=profile.name, device=profile.device, dtype=profile.dtype, threads=profile.threads,
                             batch_size=ctx.batch_size, detected=machine, matched=not mismatches,
                             mismatches=mismatches),
-        provenance=provenance(cfg_hash, argv),
+        provenance=prov,
     )
     task_info = TaskInfo(name=tspec.name, version=tspec.version, tier=tspec.tier, modality=tspec.modality,
                          data_fingerprint="", reference_sha256="", reference_canonical=False)

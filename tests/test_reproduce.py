@@ -334,3 +334,112 @@ def test_a_named_pipe_is_refused_without_blocking(tmp_path):
     os.mkfifo(path)
     with pytest.raises(R.InvalidVerification, match="not a regular file"):
         load_verification(path)
+
+
+# --- the pinned environment: what refuses, what only warns ------------------------------------------------------
+
+def test_the_record_stores_the_lock_and_what_the_code_imports(committed):
+    """`bench run` records the profile's lock (name, sha256 of its pins, whether the install matched it) and the
+    locked distributions that the task's and the method's code imports, with their versions."""
+    from importlib import metadata
+
+    from bench.lock import load_lock
+    from bench.profiles import load_profile
+    from bench.store import load_result
+
+    p = load_result(committed).provenance
+    lock = load_lock(load_profile("cpu").lock)
+    assert (p.lock.name, p.lock.sha256) == (lock.name, lock.sha256)
+    assert p.lock.matched == (not p.lock.differences)
+    imported = p.imported_packages
+    assert {"torch", "numpy", "scikit-learn"} <= set(imported) <= set(lock.versions())
+    assert "transformers" not in imported and "bench" not in imported  # digits and `none` never import it
+    assert imported["torch"] == metadata.version("torch")
+
+
+def test_a_package_the_code_does_not_import_is_a_warning_and_verifies(committed, tmp_path, load_is_not_the_subject):
+    from leaderboard.data import load_tree
+
+    path = copy_tree(committed, tmp_path)
+    edit(path, lambda d: d["provenance"]["packages"].__setitem__("transformers", "0.0.1"))
+    r = reproduce(str(path), "--by", "a maintainer")
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "difference (recorded; not a refusal): package transformers: record 0.0.1" in out
+    assert "not imported by the task or the method" in out and "forced past" not in out
+    v = load_verification(verification_path(path))
+    assert v.verified and not v.forced and v.version_differences == []
+    assert any(w.startswith("package transformers: record 0.0.1") for w in v.warnings)
+    loaded = load_tree(tmp_path / "results")
+    (_, rel, verified), = loaded.results
+    assert verified and loaded.verification[rel] == ("verified", v.warnings)  # shown verified, with its warnings
+
+
+@pytest.mark.parametrize("field", ["packages", "imported_packages"])
+def test_a_package_the_code_imports_refuses_without_force(committed, tmp_path, field):
+    """numpy (a tracked package) or a distribution only the record's `imported_packages` names (scipy, say,
+    which scikit-learn imports): either differing refuses, and nothing is run or written."""
+    from bench.store import load_result
+
+    p = load_result(committed).provenance
+    name = "numpy" if field == "packages" else sorted(set(p.imported_packages) - set(p.packages))[0]
+    path = copy_tree(committed, tmp_path)
+    edit(path, lambda d: d["provenance"][field].__setitem__(name, "0.0.1"))
+    before = all_files(tmp_path)
+    r = reproduce(str(path))
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert f"package {name}: record 0.0.1" in out and "imported by the task or the method" in out
+    assert "--force" in out and all_files(tmp_path) == before
+
+
+def _with(record, **provenance):
+    return record.model_copy(update=dict(provenance=record.provenance.model_copy(update=provenance)))
+
+
+def test_another_lock_hash_or_no_lock_is_a_warning(committed):
+    from bench.store import load_result
+
+    record = load_result(committed)
+    lock = record.provenance.lock
+    refusing, warns = R.classify_differences(_with(record, lock=lock.model_copy(update=dict(sha256="0" * 64))))
+    assert refusing == [] and any(w.startswith(f"lock {lock.name}: record sha256 000000000000") for w in warns)
+    refusing, warns = R.classify_differences(_with(record, lock=None, imported_packages=None))
+    assert refusing == [] and "the record names no lock (made before bench pinned its environment)" in warns
+    refusing, warns = R.classify_differences(_with(record, lock=lock.model_copy(update=dict(
+        matched=False, differences=["gamma: locked 1, installed 2"]))))
+    assert refusing == [] and any("did not match its lock" in w and "gamma" in w for w in warns)
+
+
+def test_a_record_without_imported_packages_is_judged_by_what_the_code_imports_here(committed):
+    """Records made before they listed imports: the tracked packages the code imports here still refuse, and
+    what it imports that the record does not name is one warning."""
+    from bench.store import load_result
+
+    record = _with(load_result(committed), imported_packages=None)
+    packages = {**record.provenance.packages, "numpy": "0.0.1", "transformers": "0.0.1"}
+    refusing, warns = R.classify_differences(_with(record, packages=packages))
+    assert [d.split(":")[0] for d in refusing] == ["package numpy"]
+    assert any(w.startswith("package transformers") for w in warns)
+    assert any(w.startswith("imported by the task or the method, but the record does not give") and "scipy" in w
+               for w in warns)
+
+
+def test_where_imports_cannot_be_told_every_package_difference_refuses(committed, monkeypatch):
+    import bench.imported
+    from bench.store import load_result
+
+    monkeypatch.setattr(bench.imported, "imported_versions", lambda *a, **k: None)
+    record = load_result(committed)
+    record = _with(record, packages={**record.provenance.packages, "transformers": "0.0.1"})
+    refusing, warns = R.classify_differences(record)
+    assert [d.split(":")[0] for d in refusing] == ["package transformers"]
+    assert any("cannot be told here" in w for w in warns)
+
+
+def test_the_committed_verifications_still_read():
+    """The verification files written before `warnings` existed are read, with no warnings."""
+    files = sorted(Path(__file__).parents[1].joinpath("results").rglob("*.verified.json"))
+    assert files
+    for f in files:
+        assert load_verification(f).warnings == []

@@ -2,6 +2,11 @@
 
 A profile is data, not code, so a maintainer adds a card by adding a file. `load_profile` validates it with
 pydantic; `detect_machine` reads what the machine really has, and `match_profile` says where the two differ.
+
+Each profile names the pinned environment its runs are made in (`lock`, a file under locks/): one lock per
+platform, not per profile family, because the pins depend on the platform and not on the card (this
+platform's torch build is a CUDA build that runs the `cpu` profile too, so every profile here names the same
+lock); `bench.lock` says more. A record stores the lock's hash, and `bench reproduce` compares it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Profile(BaseModel):
     device: Literal["cpu", "cuda"]
     dtype: Literal["float32", "bfloat16", "float16"]
     threads: int = Field(ge=1)
+    lock: str = Field("linux-x86_64-cp311", pattern=r"^[a-z0-9][a-z0-9._-]*$")  # locks/<lock>.txt (bench.lock)
     batch_size: dict[str, int]
     timing: TimingRules
     expect: Expectation
