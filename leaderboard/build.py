@@ -183,7 +183,8 @@ def _render_all(loaded: D.Loaded, results: Path, site: Path) -> BuildReport:
             shutil.copyfile(marker, site / "results" / (rel[: -len(".json")] + D.VERIFIED_SUFFIX))
         depth = "../" * len(rel.split("/"))  # runs/<profile>/<task>/<method>/
         _write(site, f"runs/{rel[:-len('.json')]}.html",
-               run_t.render(root=depth, run=pages.run_page(r, rel, verified, raw.decode("utf-8"))))
+               run_t.render(root=depth, run=pages.run_page(r, rel, verified, raw.decode("utf-8"),
+                                                           loaded.verification.get(rel))))
         n += 1
     report.tasks, report.pages = len(cards), n
     return report

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bench.budget import BUDGET_HELP, Budget, BudgetError, parse_budget  # noqa: F401 (re-exported)
+from bench.formats import is_fraction_metric  # noqa: F401 (re-exported)
 
 VERIFIED_SUFFIX = ".verified.json"
 NOISE_FAMILY = "none"  # the `none` method: the reference timed against itself, i.e. the noise floor
@@ -41,6 +42,8 @@ class Loaded:
     invalid: list = field(default_factory=list)  # [bench.store.InvalidResult], broken .verified.json files too
     verified_files: dict = field(default_factory=dict)  # result relpath -> its .verified.json Path (sound ones)
     unverified: dict = field(default_factory=dict)  # result relpath -> why its sound verification verifies nothing
+    # result relpath -> (state, details) from `verification_status`, for every record: what its run page shows
+    verification: dict = field(default_factory=dict)
 
 
 def result_files(root: Path) -> list[Path]:
@@ -78,6 +81,7 @@ def load_tree(root: Path) -> Loaded:
             out.unverified[rel] = reasons
         elif state == "rejected":
             out.invalid.append(InvalidResult(marker, [f"not shown as verifying {rel}: " + "; ".join(reasons)]))
+        out.verification[rel] = (state, reasons)
         out.results.append((r, rel, state == "verified"))
     out.results.sort(key=lambda t: (t[0].task.name, t[0].profile.name, t[0].method.name, t[0].created_at,
                                     t[0].run_id))
@@ -85,12 +89,14 @@ def load_tree(root: Path) -> Loaded:
 
 
 def verification_status(marker: Path, record, result_file: str) -> tuple[str, list[str]]:
-    """(state, reasons) of the verification file `marker` beside `record`, judged, never trusted:
-    "none" (no file), "verified" (`bench.reproduce.verification_problems` finds nothing, not forced),
-    "forced" (sound, but reproduced past version differences: it shows the configuration runs, not that its
-    numbers repeat, so the record is shown as not verified) or "rejected" (unreadable, not a verification,
-    of another record, failed checks, or a re-run that does not support the record as it is now). Never
-    raises on a broken file: that is a reason like any other."""
+    """(state, details) of the verification file `marker` beside `record`, judged, never trusted:
+    "none" (no file), "verified" (`bench.reproduce.verification_problems` finds nothing, not forced; details:
+    the differences it recorded as warnings, e.g. a package the task and method do not import), "forced"
+    (sound, but reproduced past version differences: it shows the configuration runs, not that its numbers
+    repeat, so the record is shown as not verified; details: why, then each difference it was forced past, then
+    its warnings) or "rejected" (unreadable, not a verification, of another record, failed checks, or a re-run
+    that does not support the record as it is now; details: the reasons). Never raises on a broken file: that is
+    a reason like any other."""
     import os
 
     from bench.reproduce import InvalidVerification, load_verification, verification_problems
@@ -105,10 +111,10 @@ def verification_status(marker: Path, record, result_file: str) -> tuple[str, li
     if problems:
         return "rejected", problems
     if v.forced:
-        return "forced", [f"reproduced with --force past version differences ("
-                          f"{'; '.join(v.version_differences) or 'none listed'}): that shows the configuration "
-                          f"runs here, not that its numbers repeat"]
-    return "verified", []
+        return "forced", [f"reproduced with --force past version differences in what its numbers depend on "
+                          f"({len(v.version_differences) or 'none listed'}): that shows the configuration runs "
+                          f"here, not that its numbers repeat", *v.version_differences, *v.warnings]
+    return "verified", list(v.warnings)
 
 
 def num(x: Any) -> float | None:
@@ -127,12 +133,9 @@ def hp_text(hp: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, sort_keys=True)}" for k, v in hp.items())
 
 
-def is_fraction_metric(metric: str) -> bool:
-    return any(w in metric for w in ("accuracy", "match", "agreement", "f1"))
-
-
-def to_row(r, rel: str, verified: bool) -> dict[str, Any]:
-    """One result flattened for tables, the plot and downloads (status 'ok' records only)."""
+def to_row(r, rel: str, verified: bool, verification: str | None = None) -> dict[str, Any]:
+    """One result flattened for tables, the plot and downloads (status 'ok' records only). `verification`:
+    "verified", "forced" or "none" (a rejected file verifies nothing), from `Loaded.verification`."""
     q, s = r.quality, r.speed
     dlo, dhi = (q.delta_interval.low, q.delta_interval.high) if q.delta_interval else (q.delta, q.delta)
     slo, shi = s.interval.low, s.interval.high
@@ -152,6 +155,8 @@ def to_row(r, rel: str, verified: bool) -> dict[str, Any]:
         "mem": r.memory.method_peak_bytes, "mem_ref": r.memory.reference_peak_bytes,
         "params": r.size.method.parameters, "nonzero": r.size.method.nonzero_parameters,
         "bytes": r.size.method.bytes, "cost_s": num(r.cost.seconds), "verified": verified,
+        "verification": (verification if verification in ("verified", "forced")
+                         else "verified" if verified else "none"),
         "date": r.created_at[:10], "created_at": r.created_at, "command": r.provenance.command,
     }
 
@@ -164,7 +169,7 @@ def rows_of(loaded: Loaded) -> list[dict[str, Any]]:
     for r, rel, verified in loaded.results:
         if r.status != "ok" or r.budget != "full":
             continue
-        row = to_row(r, rel, verified)
+        row = to_row(r, rel, verified, loaded.verification.get(rel, ("none",))[0])
         if row["delta"] is None or row["speedup"] is None:
             continue
         rows.append(row)

@@ -9,92 +9,11 @@ import json
 from collections import Counter
 from typing import Any
 
+from bench.formats import (fbytes, fcount, fdelta, ffidelity, fmem, fq, fratio, fsecs,  # noqa: F401
+                           fshare, fspeed)  # one formatter per quantity; static/task.js follows the same rules
 from leaderboard import data as D
 
 FAMILY_ORDER = ("distillation", "caching", "pruning", "decoding", "none")
-
-
-# --- number formats: one per quantity, the same rules as static/task.js -------------------------------------
-# A metric between 0 and 1 (accuracy, exact match, agreement) reads as a percentage and its changes in
-# percentage points to 1 decimal; any other metric (FID) to 2 decimals; speedups to 2 decimals; counts (MACs,
-# parameters) with k/M/G; memory in binary units with its ratio to the reference.
-def _no_minus_zero(text: str) -> str:
-    return text.lstrip("+-") if float(text.split()[0]) == 0 else text
-
-
-def fq(v: float | None, metric: str = "") -> str:
-    """A quality value: `96.4%` for a fraction metric, `12.34` otherwise."""
-    if v is None:
-        return "–"
-    return f"{v * 100:.1f}%" if D.is_fraction_metric(metric) else f"{v:.2f}"
-
-
-def fdelta(v: float | None, metric: str = "") -> str:
-    """A quality change, signed: `-0.3 pp` for a fraction metric, `+0.29` otherwise; never "-0.0"."""
-    if v is None:
-        return "–"
-    if D.is_fraction_metric(metric):
-        return _no_minus_zero(f"{v * 100:+.1f}") + " pp"
-    return _no_minus_zero(f"{v:+.2f}")
-
-
-def fspeed(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f}×" if v < 100 else f"{v:.0f}×"
-
-
-def fcount(n: int | float | None) -> str:
-    """A count (MACs, parameters) with 3 significant digits and k/M/G: `1.14 G`, `11.4 M`, `930 k`."""
-    if n is None:
-        return "–"
-    n = float(n)
-    for div, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.0f}"
-
-
-def fratio(v: float | None, ref: float | None) -> str:
-    """A method's figure relative to the reference's: `1.49×` (more than the reference), `0.25×`."""
-    if v is None or not ref:
-        return "–"
-    return f"{v / ref:.2f}×"
-
-
-def fbytes(n: int | float | None) -> str:
-    if n is None:
-        return "–"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def fmem(n: int | float | None, ref: int | float | None) -> str:
-    """Peak memory with its ratio to the reference's: `32.1 MiB (1.49× ref)`."""
-    return fbytes(n) + (f" ({fratio(n, ref)} ref)" if n is not None and ref else "")
-
-
-def fshare(v: float | None) -> str:
-    """A share between 0 and 1 as a percentage: agreement 0.9844 reads `98.4%`."""
-    return "–" if v is None else f"{v * 100:.1f}%"
-
-
-def ffidelity(v: float | None, metric: str) -> str:
-    """Agreement with the reference: a share (`top1_agreement`, `identical_answer_tokens`) as a percentage, any
-    other measure (`ssim_to_reference`) to 3 decimals."""
-    if v is None:
-        return "–"
-    return fshare(v) if D.is_fraction_metric(metric) or "identical" in metric else f"{v:.3f}"
-
-
-def fsecs(s: float | None) -> str:
-    if s is None:
-        return "–"
-    if s < 60:
-        return f"{s:.1f} s"
-    return f"{s / 60:.1f} min" if s < 3600 else f"{s / 3600:.1f} h"
 
 
 def safe_url(u: str | None) -> str:
@@ -336,7 +255,29 @@ def speed_verdict(r) -> dict[str, Any]:
             "speed": fspeed_ci(s.speedup, s.interval.low, s.interval.high), "facts": facts, "attempts": attempts}
 
 
-def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
+def verification_view(verified: bool, verification: tuple[str, list[str]] | None = None) -> dict[str, Any]:
+    """What the run page says about a record's verification (`data.verification_status`'s state and details):
+    "verified" (with the differences it was verified past, as warnings), "forced" (reproduced with --force past
+    version differences: shown as such, never as verified, with the differences), or "unverified" (no file, or
+    one that verifies nothing, which `bench leaderboard build` names)."""
+    state, details = verification or ("verified" if verified else "none", [])
+    if state == "verified":
+        return {"state": "verified", "label": "verified", "css": "ok", "differences": list(details),
+                "text": "Reproduced by bench reproduce: same quality, speed within the re-run's interval"
+                        + (", past these differences, which do not refuse a reproduction (packages the task and "
+                           "method do not import, or the pinned environment):" if details else ".")}
+    if state == "forced":
+        return {"state": "forced", "label": "forced", "css": "warn", "differences": list(details[1:]),
+                "text": (details[0][:1].upper() + details[0][1:] if details else "Reproduced with --force")
+                        + ". The differences:"}
+    return {"state": "none", "label": "unverified", "css": "muted", "differences": [],
+            "text": "Not verified: the command below reproduces it and writes its verification."}
+
+
+def run_page(r, rel: str, verified: bool, raw: str, verification: tuple[str, list[str]] | None = None
+             ) -> dict[str, Any]:
+    """The run page's context; `verification`: `Loaded.verification`'s (state, details) for this record."""
+    check = verification_view(verified, verification)
     metric = r.quality.metric if r.quality else ""
     compare = []  # (what, reference, method, change, css class)
     verdict = speed_verdict(r) if r.status == "ok" and r.speed else None
@@ -375,7 +316,7 @@ def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
     p, d = r.provenance, json.loads(raw)  # the record as written: every field, in the file's order
     sections = [
         ("Run", [("run id", r.run_id), ("created", r.created_at), ("status", r.status), ("seed", str(r.seed)),
-                 ("verified", "verified" if verified else "unverified")]),
+                 ("verified", check["label"])]),
         ("Task", _pairs(d["task"])),
         ("Method", _pairs(d["method"], skip=("hyperparameters",))),
         ("Hyper-parameters", _pairs(d["method"]["hyperparameters"])),
@@ -383,11 +324,17 @@ def run_page(r, rel: str, verified: bool, raw: str) -> dict[str, Any]:
         ("Detected machine", _pairs(d["profile"]["detected"])),
         ("Provenance", [("command", p.command), ("git sha", p.git_sha or "(not a git checkout)"),
                         ("git dirty", json.dumps(p.git_dirty)), ("bench version", p.bench_version),
-                        ("config hash", p.config_hash), ("python", p.python), ("platform", p.platform)]),
+                        ("config hash", p.config_hash), ("python", p.python), ("platform", p.platform),
+                        ("lock", f"{p.lock.name}, pins sha256 {p.lock.sha256}, install "
+                                 f"{'matched' if p.lock.matched else 'differed: ' + '; '.join(p.lock.differences)}"
+                         if p.lock else "(none: made before bench pinned its environment)")]),
         ("Packages", sorted(p.packages.items())),
+        *([("Packages the task and method import", sorted(p.imported_packages.items()))]
+          if p.imported_packages is not None else []),
     ]
     return {"r": r, "rel": rel, "file": "results/" + rel, "verified": verified, "metric": metric,
             "reproduce": f"bench reproduce results/{rel}", "command": p.command, "compare": compare,
             "sections": sections, "raw": raw, "method_url": safe_url(r.method.url), "verdict": verdict,
+            "verification": check,
             "noise_floor": r.method.family == D.NOISE_FAMILY,
             "noise_command": D.noise_floor_command(r.task.name, r.profile.name)}

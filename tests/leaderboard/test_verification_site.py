@@ -110,7 +110,7 @@ def test_the_built_site_shows_only_the_sound_verification(tmp_path: Path):
     loaded = load_tree(root)
     assert {rel for _, rel, v in loaded.results if v} == {sound.relative_to(root).as_posix()}
     frel = forced.relative_to(root).as_posix()
-    assert "--force" in loaded.unverified[frel][0] and "numpy" in loaded.unverified[frel][0]
+    assert "--force" in loaded.unverified[frel][0] and "numpy" in " ".join(loaded.unverified[frel])
     assert all(str(e.path) != str(marker_of(forced)) for e in loaded.invalid)  # forced is honest, not broken
     assert len(loaded.invalid) == len(BROKEN)
 
@@ -123,7 +123,7 @@ def test_the_built_site_shows_only_the_sound_verification(tmp_path: Path):
     published = sorted(p.name for p in (tmp_path / "site" / "results").rglob("*.verified.json"))
     assert published == [marker_of(sound).name]  # no broken or forced file is published as a verification
     run_page = (tmp_path / "site" / "runs" / frel).with_suffix(".html").read_text()
-    assert "unverified" in run_page
+    assert "verification-forced" in run_page and "verification-verified" not in run_page
 
     res = runner.invoke(app, ["leaderboard", "build", "--results", str(root), "--out", str(tmp_path / "s2")])
     assert res.exit_code == 0, res.output
@@ -161,3 +161,48 @@ def test_a_record_re_timed_since_its_verification_is_no_longer_verified(tmp_path
     loaded = load_tree(root)
     assert [v for _, _, v in loaded.results] == [False]
     assert "speedup" in loaded.invalid[0].problems[0] and loaded.invalid[0].path == marker_of(path)
+
+
+# --- forced and warned verifications on the run page ------------------------------------------------------------
+
+WARNING = "package transformers: record 5.23.0, here 5.25.0 (not imported by the task or the method)"
+
+
+def built_run_page(tmp_path: Path, record, text: str) -> tuple[str, D.Loaded]:
+    root = tmp_path / "results"
+    path = one(root, record, text)
+    build_site(root, tmp_path / "site")
+    page = (tmp_path / "site" / "runs" / path.relative_to(root)).with_suffix(".html").read_text()
+    return " ".join(page.split()), load_tree(root)
+
+
+def test_a_forced_verification_is_shown_as_forced_with_its_differences(tmp_path: Path):
+    page, loaded = built_run_page(tmp_path, kd(50), verification_of(kd(50), forced=True, warnings=[WARNING]))
+    (_, rel, verified), = loaded.results
+    state, details = loaded.verification[rel]
+    assert verified is False and state == "forced"
+    assert details[1:] == ["package numpy: record 2.3.0, here 2.4.0", WARNING]
+    assert '<span class="warn verification-forced">forced</span>' in page
+    assert "Verification: <span class=\"warn\">forced</span>" in page and "Reproduced with --force past version differences" in page
+    assert "<code>package numpy: record 2.3.0, here 2.4.0</code>" in page and f"<code>{WARNING}</code>" in page
+    assert "verification-verified" not in page and "<td><code>forced</code></td>" in page  # the Run section
+    (row,) = D.rows_of(loaded)
+    assert row["verification"] == "forced" and row["verified"] is False
+
+
+def test_a_verification_with_warnings_is_verified_and_lists_them(tmp_path: Path):
+    page, loaded = built_run_page(tmp_path, kd(51), verification_of(kd(51), warnings=[WARNING]))
+    (_, rel, verified), = loaded.results
+    assert verified is True and loaded.verification[rel] == ("verified", [WARNING])
+    assert '<span class="ok verification-verified">verified</span>' in page
+    assert "past these differences, which do not refuse a reproduction" in page and f"<code>{WARNING}</code>" in page
+    (row,) = D.rows_of(loaded)
+    assert row["verification"] == "verified" and row["verified"] is True
+
+
+def test_without_a_verification_the_run_page_says_unverified(tmp_path: Path):
+    page, loaded = built_run_page(tmp_path, kd(52), None)
+    (_, rel, verified), = loaded.results
+    assert loaded.verification[rel] == ("none", []) and '<span class="muted verification-none">unverified</span>' in page
+    (row,) = D.rows_of(loaded)
+    assert row["verification"] == "none"
