@@ -101,9 +101,12 @@ def _publishable(site: Path) -> None:
             os.chmod(os.path.join(folder, name), 0o644)
 
 
-def build_site(results: Path, out: Path, strict: bool = False) -> BuildReport:
+def build_site(results: Path, out: Path, strict: bool = False, repo_url: str | None = None) -> BuildReport:
     """Build the site from `results` into `out`. Invalid files are skipped (listed in the report) unless
-    `strict`, when they raise `BuildError` and nothing is written."""
+    `strict`, when they raise `BuildError` and nothing is written. `repo_url` (https) is the repository the
+    methodology page links to; by default the package metadata's `[project.urls]`."""
+    if repo_url is not None and not repo_url.startswith("https://"):
+        raise BuildError(f"--repo-url {repo_url!r} must be an https:// address")
     results, out = Path(results), Path(out)
     loaded = D.load_tree(results)
     if strict and loaded.invalid:
@@ -113,7 +116,7 @@ def build_site(results: Path, out: Path, strict: bool = False) -> BuildReport:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        report = _render_all(loaded, results, tmp)
+        report = _render_all(loaded, results, tmp, repo_url)
         report.invalid = loaded.invalid
         _publishable(tmp)
         _swap(tmp, out)
@@ -124,7 +127,7 @@ def build_site(results: Path, out: Path, strict: bool = False) -> BuildReport:
     return report
 
 
-def _render_all(loaded: D.Loaded, results: Path, site: Path) -> BuildReport:
+def _render_all(loaded: D.Loaded, results: Path, site: Path, repo_url: str | None = None) -> BuildReport:
     env = _environment()
     task_specs, method_specs = _registry()
     rows = D.rows_of(loaded)
@@ -157,7 +160,7 @@ def _render_all(loaded: D.Loaded, results: Path, site: Path) -> BuildReport:
         n += 1
     profiles = D.sorted_unique(p["name"] for c in cards for p in c["profiles"])
     docs = methodology.copy_docs(site)
-    method_ctx = methodology.methodology_page(rows, loaded.results, task_specs, docs)
+    method_ctx = methodology.methodology_page(rows, loaded.results, task_specs, docs, repo_url)
     _write(site, "methodology.html", env.get_template("methodology.html").render(root="", m=method_ctx))
     n += 1
     _write(site, "index.html", env.get_template("index.html").render(

@@ -36,12 +36,15 @@ def _warn_invalid(invalid: list) -> None:
 
 @leaderboard_app.command("build")
 def build(results: ResultsOpt = Path("results"), out: OutOpt = Path("site"),
-          strict: Annotated[bool, typer.Option(help="fail when any result file is invalid")] = False) -> None:
+          strict: Annotated[bool, typer.Option(help="fail when any result file is invalid")] = False,
+          repo_url: Annotated[str | None, typer.Option("--repo-url", help="https address of the repository the "
+                                                       "methodology page links to (default: the package's "
+                                                       "[project.urls])")] = None) -> None:
     """Build the static site from every result under --results (a pure function: same input, same bytes)."""
     from leaderboard.build import BuildError, build_site
 
     try:
-        report = build_site(results, out, strict=strict)
+        report = build_site(results, out, strict=strict, repo_url=repo_url)
     except FileNotFoundError as e:
         _fail(str(e))
     except BuildError as e:

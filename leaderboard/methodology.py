@@ -180,7 +180,8 @@ def repository_url() -> str:
     return ""
 
 
-def methodology_page(rows: list[dict], records: list, task_specs: dict, docs: dict[str, str]) -> dict[str, Any]:
+def methodology_page(rows: list[dict], records: list, task_specs: dict, docs: dict[str, str],
+                     repo_url: str | None = None) -> dict[str, Any]:
     """Everything the methodology page shows. `docs` maps the site's copies of the project's documents
     (CONTRIBUTING, CITATION) to their file names, for links."""
     latest = max((r.created_at for r, _, _ in records), default="")
@@ -190,7 +191,7 @@ def methodology_page(rows: list[dict], records: list, task_specs: dict, docs: di
     return {"measures": MEASURES, "fields": record_fields(), "profiles": profiles_view(rows, records),
             "tasks": tasks_view(task_specs, records), "noise": noise_view(rows), "latest": latest[:10],
             "install": install, "reproduce": f"bench reproduce results/{example}" if example else "",
-            "repo": repository_url(), "docs": docs}
+            "repo": repo_url or repository_url(), "docs": docs}
 
 
 def copy_docs(site: Path) -> dict[str, str]:

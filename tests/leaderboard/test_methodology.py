@@ -38,3 +38,14 @@ def test_methodology_page_lists_profiles_tasks_and_what_has_no_results(results_t
     assert 'id="not-run"' in home and "gsm8k" in home and 'href="methodology.html"' in home
     # the equal-quality view: families x tasks within each task's budget
     assert 'class="plain families"' in home and "≤ 1% of the reference" in home
+
+
+def test_the_repository_link_is_given_or_said_missing(results_tree: Path, tmp_path: Path):
+    import pytest
+
+    from leaderboard.build import BuildError
+
+    site = build_site(results_tree, tmp_path / "a", repo_url="https://example.org/bench").out
+    assert '<a href="https://example.org/bench">Repository</a>' in (site / "methodology.html").read_text()
+    with pytest.raises(BuildError, match="https://"):
+        build_site(results_tree, tmp_path / "b", repo_url="javascript:alert(1)")
