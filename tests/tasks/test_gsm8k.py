@@ -284,3 +284,16 @@ def test_speculative_decoding_runs_on_gsm8k_with_the_draft(env, results_root):
     r = load_result(out.path, results_root)
     assert r.status == "ok" and r.fidelity.value == 1.0 and r.quality.delta == 0
     assert 0 <= r.method_stats["acceptance_rate"] <= 1
+
+
+@pytest.mark.slow
+def test_medusa_trains_on_the_train_split_and_decodes_gsm8k_exactly(env, results_root):
+    """Medusa's heads learn from the reference's answers to lm-eval's own train split (TrainingRows), and the
+    tree-verified decoding reproduces the reference's responses exactly."""
+    from bench.runner import run
+    from bench.store import load_result
+
+    out = run("gsm8k", "medusa", budget="smoke", results_root=results_root)
+    r = load_result(out.path, results_root)
+    assert r.status == "ok" and r.fidelity.value == 1.0 and r.quality.delta == 0
+    assert r.cost.steps > 0 and r.method_stats["mean_accepted_length"] >= 1
