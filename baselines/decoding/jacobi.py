@@ -104,8 +104,11 @@ def decode_rows(subject: "Subject", input_ids: "torch.Tensor", max_new_tokens: i
 
 
 def jacobi_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: int, block_size: int,
-                  init_token: int, counters: Counters) -> list[int]:
-    """Greedy Jacobi decoding of one prompt (1, L); returns the generated ids (up to and including EOS)."""
+                  init_token: int, counters: Counters,
+                  on_pass: Callable[[int, list[int], int], None] | None = None) -> list[int]:
+    """Greedy Jacobi decoding of one prompt (1, L); returns the generated ids (up to and including EOS).
+    `on_pass(start, pred, k)`, when given, sees every pass: the tokens committed before it, its updates
+    y^(j+1)_1..nb and the k it commits (`cllm` counts fast-forwarded and stationary tokens from them)."""
     import torch
     from transformers import DynamicCache
 
@@ -126,6 +129,8 @@ def jacobi_decode(model, prompt: "torch.Tensor", max_new_tokens: int, eos: int, 
             k += 1
         cache.crop(-(nb - k))  # keep x and the k - 1 committed guesses; drop the block's other entries
         accepted = pred[:k]
+        if on_pass is not None:
+            on_pass(len(out), pred, k)
         counters.forward_passes += 1
         done = eos in accepted
         if done:

@@ -76,6 +76,20 @@ def test_stops_at_eos_and_at_max_new_tokens():
                 assert eos not in got[:-1]
 
 
+def test_on_pass_sees_every_pass_and_what_it_commits():
+    """The hook `cllm` counts from: one call per pass, with the tokens committed before it, the pass's updates
+    and the k it commits; the committed updates are the output."""
+    model = tiny_llama(seed=2)
+    for p in prompts(64, 3, seed=2):
+        trace, c = [], Counters()
+        with torch.no_grad():
+            out = jacobi_decode(model, p, 30, EOS, 5, PAD, c, on_pass=lambda s, pred, k: trace.append((s, pred, k)))
+        assert out == greedy(model, p, 30, EOS) and len(trace) == c.forward_passes
+        assert trace[0][0] == 0 and all(b == a + k for (a, _, k), (b, _, _) in zip(trace, trace[1:]))
+        assert sum((pred[:k] for _, pred, k in trace), [])[:len(out)] == out
+        assert all(1 <= k <= len(pred) <= 5 for _, pred, k in trace)
+
+
 def test_a_model_that_is_its_own_fixed_point_commits_whole_blocks():
     """Logits all zero: greedy is token 0 (argmax's first index) forever, the pad guess is already right, so
     every pass commits the whole block (the last one only what the budget leaves)."""
