@@ -11,7 +11,7 @@ r = t_{a_0}, t_{a_1}, ..., t_{a_d} = t_u (a_0 = 0, a_j = pa(a_{j+1})), is one gu
 A tree is built from paths of top-k choice indices (`Tree.from_paths`, Medusa's "tree choices"): the path
 (c_1, ..., c_d) is the node reached from the root by taking the c_1-th candidate at depth 1, then the c_2-th at
 depth 2, and so on; every prefix of a path is a node too. Nodes are numbered in the order (depth, path), so a
-parent always precedes its children and the first choices come first. `Tree.from_parents` takes the parent
+parent always precedes its children and the first choices come first. `Tree(parents)` takes the parent
 array directly (a tree that changes every pass, such as EAGLE-2's).
 
 One target pass over every candidate (`tree_forward`). The n tokens are fed after the cache with

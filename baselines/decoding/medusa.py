@@ -194,14 +194,15 @@ def train_heads(model, examples, heldout, cfg: MedusaConfig, ctx: "RunContext", 
                          batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps)
     stats = lm.fit_lm(heads, examples, recipe, ctx, seed=ctx.seed, pad_id=pad_id, batch_loss=batch_loss,
                       description=f"Training {cfg.num_heads} Medusa heads on the frozen reference")
-    hits = torch.zeros(cfg.num_heads, TOPK)
+    ranks = min(TOPK, heads.w2.shape[1])
+    hits = torch.zeros(cfg.num_heads, ranks)
     counts = torch.zeros(cfg.num_heads)
     with torch.no_grad():
         for i in range(0, len(heldout), cfg.batch_size):
             ids, mask, labels = (x.to(ctx.device) for x in lm.collate(heldout, list(range(i, min(i + cfg.batch_size,
                                                                                                len(heldout)))), pad_id))
             logits, targets = head_targets(heads, decoder, ids, mask, labels, cfg.num_heads)
-            top = logits.topk(TOPK, dim=-1).indices.cpu()  # (K, N, TOPK)
+            top = logits.topk(ranks, dim=-1).indices.cpu()  # (K, N, ranks)
             targets = targets.cpu()
             valid = targets != -100
             hits += ((top == targets[..., None]) & valid[..., None]).sum(1).float()

@@ -7,6 +7,7 @@ and draft.
   same draft length (4 drafts, no confidence stopping).
 - each decoding method against plain greedy `generate` (the reference's own procedure): the paired speedup,
   beside the method's acceptance statistics (`extra_info`), so a speedup can be read against its cause.
+  `medusa` trains its heads the first time (minutes; cached after), with its default sparse tree and the chain.
 
 Tiny models on a CPU are overhead-bound (see FIELD-NOTES): a ratio near or below 1 is a finding, not a failure,
 so nothing here asserts a speedup; it asserts only that the outputs are the reference's own.
@@ -80,8 +81,9 @@ def test_speculative_against_assisted(benchmark, arith, assisted_config):
     assert t.interval[0] <= t.speedup <= t.interval[1]
 
 
-@pytest.mark.parametrize("method,overrides", [("speculative", {}), ("assisted", {}), ("prompt-lookup", {})],
-                         ids=["speculative", "assisted", "prompt-lookup"])
+@pytest.mark.parametrize("method,overrides", [("speculative", {}), ("assisted", {}), ("prompt-lookup", {}),
+                                              ("medusa", {}), ("medusa", {"tree": "chain"})],
+                         ids=["speculative", "assisted", "prompt-lookup", "medusa", "medusa-chain"])
 def test_speedup_over_greedy(benchmark, arith, method, overrides):
     task, ctx, reference = arith
     a = applied(method, overrides, arith)

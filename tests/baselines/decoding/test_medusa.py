@@ -61,6 +61,25 @@ def test_head_k_is_trained_on_the_token_k_plus_1_ahead():
     assert targets.tolist() == [[6, 7, 8, -100], [7, 8, -100, -100]]
 
 
+def test_training_on_a_tiny_vocabulary_ranks_every_token(ctx):
+    """Held-out accuracies a_k[i] of rank i: with fewer tokens than TOPK every token is ranked, so each head's
+    accuracies sum to 1; the reference is left untouched."""
+    from baselines.decoding.medusa import train_heads
+
+    model = tiny_llama(8, seed=5, eos=0, pad=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = []
+    for p in loopy_prompts(8, 12, seed=5):
+        answer = greedy(model, p, 12, eos=10_000, pad=1)
+        examples.append((p[0].tolist() + answer, [-100] * p.shape[1] + answer))
+    cfg = MedusaConfig(num_heads=2, steps=8, batch_size=4, warmup_steps=1)
+    heads, stats, accuracy = train_heads(model, examples[:9], examples[9:], cfg, ctx, pad_id=1)
+    assert stats.steps == 8 and stats.tokens_seen > 0
+    assert len(accuracy) == 2 and all(len(a) == 8 and sum(a) == pytest.approx(1.0) for a in accuracy)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(heads.w1, torch.zeros_like(heads.w1))  # the heads did learn
+
+
 # ---- exact greedy output ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tree_name", ["chain", "dense-2", "sparse-8", "sparse-16"])

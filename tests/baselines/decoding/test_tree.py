@@ -58,6 +58,15 @@ def test_a_path_set_that_is_not_a_tree_is_refused(paths, match):
         Tree.from_paths(paths)
 
 
+def test_a_tree_from_its_parent_array_is_the_tree_of_the_same_paths():
+    """EAGLE-2's trees change every pass and come as parent arrays; the same shape from paths is the same tree."""
+    t = Tree((-1, 0, 0, 0, 1, 1, 2, 4, 6))
+    same = TREES["sparse"]
+    assert t == same and t.paths is None
+    assert t.depths == same.depths and torch.equal(t.ancestors, same.ancestors)
+    assert [t.path(u) for u in range(t.size)] == [same.path(u) for u in range(same.size)]
+
+
 @pytest.mark.parametrize("parents", [(0,), (-1, 1), (-1, 0, 3, 1), ()])
 def test_parents_must_come_first(parents):
     with pytest.raises(ValueError):
