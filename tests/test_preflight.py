@@ -152,7 +152,7 @@ def test_cuda_profile_without_cuda_is_refused_even_when_not_strict(tmp_path, mon
     r, _ = bench_run("--method", "none", "--task", "digits", "--profile", "h100-bf16", "--budget", "smoke",
                      results=tmp_path / "results")
     assert r.exit_code == 2, r.output
-    assert "'h100-bf16' runs on a CUDA GPU" in text(r) and "use a CPU profile (cpu)" in text(r)
+    assert "'h100-bf16' runs on a CUDA GPU" in text(r) and "use a CPU profile (cpu, cpu-bf16)" in text(r)
     assert not records(tmp_path / "results") and not no_work
 
 
