@@ -19,8 +19,9 @@ One target pass over every candidate (`tree_forward`). The n tokens are fed afte
     position(u) = L + depth(u)                                                     (`Tree.position_ids`)
     M[u, j] = 0 if j <= L (any cached token) or j = L + 1 + v with v in anc(u), else -inf   (`Tree.attention_mask`)
 
-(a 4-D additive mask of shape (1, 1, n, L + n); Llama-style models in transformers 5 take a 4-D mask as given,
-with the `sdpa` and `eager` attention implementations, and skip their own causal-mask construction). Under
+(keys numbered 1..L + n: the cached x_1..x_L, then node v as key L + 1 + v; a 4-D additive mask of shape
+(1, 1, n, L + n); Llama-style models in transformers 5 take a 4-D mask as given, with the `sdpa` and `eager`
+attention implementations, and skip their own causal-mask construction). Under
 this mask and these positions, the hidden state and logits at node u are, at every layer, those of a plain
 causal forward over x_1..x_L followed by the path to u: attention sees exactly the same keys and values at the
 same rotary positions. So one pass yields, for every node u,
@@ -43,14 +44,14 @@ depth(u*) + 1 tokens (the accepted guesses and the bonus, which becomes the next
 it is a plain greedy step.
 
 Rolling the KV cache back (`keep_path`). After the pass the cache holds x_1..x_L and then all n nodes in node
-order; the accepted path's entries are at L + a_0, ..., L + a_d, which are not contiguous when the path leaves the
-first branch. They are *gathered* into L..L + d and the rest cropped (`DynamicCache.crop`). Gathering is exact:
-a node's key and value at every layer are functions of its token, its position L + depth and the states it
-attends to, which under the tree mask are those of the prefix and its ancestors, i.e. the accepted path itself;
-a sequential forward over the path computes the same entries (up to the rounding of a different batch shape).
-Re-running the accepted tokens instead would cost one more target pass per iteration for nothing. (Medusa's and
-EAGLE's code gather too, into preallocated buffers; here the cache is transformers' own `DynamicCache`, whose
-layers expose their `keys` and `values` tensors.)
+order; the accepted path's entries are at (0-based) slots L + a_0, ..., L + a_d, which are not contiguous when
+the path leaves the first branch. They are *gathered* into slots L..L + d and the rest cropped
+(`DynamicCache.crop`). Gathering is exact: a node's key and value at every layer are functions of its token, its
+position L + depth and the states it attends to, which under the tree mask are those of the prefix and its
+ancestors, i.e. the accepted path itself; a sequential forward over the path computes the same entries (up to the
+rounding of a different batch shape). Re-running the accepted tokens instead would cost one more target pass per
+iteration for nothing. (Medusa's and EAGLE's code gather too, into preallocated buffers; here the cache is
+transformers' own `DynamicCache`, whose layers expose their `keys` and `values` tensors.)
 
 Why hand-written: transformers 5's `generate` verifies a single chain of candidates (assisted decoding, prompt
 lookup) and has no tree candidates, no tree attention mask and no way to keep a non-contiguous path of a KV cache.
