@@ -115,17 +115,20 @@ class Evaluation:
     # the task's secondary quality metrics, by name (e.g. digits-gen's class accuracy, coco's CLIP score):
     # recorded beside the main metric for reference and method, without intervals
     metrics: dict[str, float] = field(default_factory=dict)
+    # where `outputs` are generated token ids (rows padded with -1): each example's context ids, as the model was
+    # given them, so a lossless decoding method's differing answers can be re-run (`bench.divergence`)
+    contexts: list[list[int]] | None = None
 
     def to_json(self) -> dict:
         return {"value": self.value, "per_example": self.per_example.tolist(), "outputs": self.outputs.tolist(),
-                "metrics": dict(self.metrics)}
+                "metrics": dict(self.metrics), "contexts": self.contexts}
 
     @classmethod
     def from_json(cls, d: dict) -> "Evaluation":
         import numpy as np
 
         return cls(float(d["value"]), np.asarray(d["per_example"], dtype=np.float64), np.asarray(d["outputs"]),
-                   {k: float(v) for k, v in d.get("metrics", {}).items()})
+                   {k: float(v) for k, v in d.get("metrics", {}).items()}, d.get("contexts"))
 
 
 @dataclass

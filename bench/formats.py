@@ -101,6 +101,20 @@ def ffidelity(v: float | None, metric: str) -> str:
     return fshare(v) if is_fraction_metric(metric) else f"{v:.3f}"
 
 
+def fdivergence(d) -> str:
+    """A lossless decoder's differing answers by cause (`Fidelity.divergence`): `9 differ: 7 rounding flips at
+    near ties, 2 beyond rounding` (of the analysed ones)."""
+    if d is None:
+        return ""
+    if d.differing == 0:
+        return "no answer differs"
+    parts = [f"{d.numeric} rounding flips at near ties", f"{d.beyond_rounding} beyond rounding"]
+    if d.unexplained:
+        parts.append(f"{d.unexplained} of different length")
+    of = "" if d.analysed == d.differing else f" (first {d.analysed} analysed)"
+    return f"{d.differing} differ{of}: " + ", ".join(parts)
+
+
 def fsecs(s: float | None) -> str:
     if _bad(s):
         return MISSING

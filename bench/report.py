@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from bench.formats import fbytes, fcount, fdelta, ffidelity, fq, fratio, fspeed
+from bench.formats import fbytes, fcount, fdelta, fdivergence, ffidelity, fq, fratio, fspeed
 from bench.result import Result
 
 
@@ -26,7 +26,8 @@ def summary_table(r: Result, path: Path | None = None) -> Table:
         for name, sec in q.secondary.items():
             t.add_row(name, f"{sec.reference_value:.4g}", f"{sec.value:.4g}", f"{sec.value - sec.reference_value:+.4g}")
         if r.fidelity:
-            t.add_row(r.fidelity.metric, "", ffidelity(r.fidelity.value, r.fidelity.metric), "")
+            t.add_row(r.fidelity.metric, "", ffidelity(r.fidelity.value, r.fidelity.metric),
+                      fdivergence(r.fidelity.divergence))
         for ctl in r.controls:
             gi = ctl.gain_interval
             gci = f" [{fdelta(gi.low, q.metric)}, {fdelta(gi.high, q.metric)}]" if gi else ""

@@ -126,9 +126,30 @@ class Quality(_M):
                                             description="the task's other quality metrics, by name")
 
 
+class Divergence(_M):
+    """Why a lossless decoding method's answers differ from the reference's (`bench.divergence`): each differing
+    answer's first differing token classified as a rounding flip at a near tie, or beyond rounding."""
+    differing: int = Field(ge=0, description="answers whose tokens differ from the reference's")
+    analysed: int = Field(ge=0, description="of those, how many were re-run (the first ones, up to a limit)")
+    numeric: int = Field(ge=0, description="flips within the change a different batch shape makes to the margin")
+    beyond_rounding: int = Field(ge=0, description="flips whose margin exceeds it: the method's choice")
+    unexplained: int = Field(ge=0, description="one answer ended where the other continued")
+    criterion: str
+
+    @model_validator(mode="after")
+    def _counts_add_up(self):
+        if self.numeric + self.beyond_rounding + self.unexplained != self.analysed or self.analysed > self.differing:
+            raise ValueError(f"divergence counts do not add up: numeric {self.numeric} + beyond_rounding "
+                             f"{self.beyond_rounding} + unexplained {self.unexplained} must equal analysed "
+                             f"{self.analysed} <= differing {self.differing}")
+        return self
+
+
 class Fidelity(_M):
     metric: str = Field(description="e.g. top1_agreement: share of inputs where method and reference agree")
     value: float
+    divergence: Divergence | None = Field(None, description="for a method decoding the reference's own weights: "
+                                                            "where its token answers differ, and why")
 
 
 class Control(_M):

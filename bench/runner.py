@@ -27,7 +27,8 @@ from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.tracepaths import relative_paths
 from bench.provenance import config_hash, provenance
-from bench.result import (Compute, Control, Cost, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
+from bench.divergence import analyse as analyse_divergence
+from bench.result import (Compute, Control, Cost, Divergence, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
                           ProfileInfo, Quality, Result, Secondary, Size, SizeOf, TaskInfo)
 from bench.store import DEFAULT_RESULTS, write_result
 from bench.api import Evaluation, RunContext, offers
@@ -245,6 +246,12 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
         secondary={k: Secondary(value=v, reference_value=ref_eval.metrics[k]) for k, v in met_eval.metrics.items()
                    if k in ref_eval.metrics})
     fid_metric, fid_value = task.fidelity(ref_eval, met_eval)
+    divergence = None
+    if fid_value < 1 and subject.model is reference.model and met_eval.contexts is not None:
+        # a decoding method on the reference's own weights: were the differing answers rounding flips?
+        with ctx.progress.step("Re-running the reference where the answers differ"):
+            divergence = Divergence(**analyse_divergence(reference.model, met_eval.contexts, ref_eval.outputs,
+                                                         met_eval.outputs))
 
     def gain(c):  # method minus control, paired over the same examples
         if c.per_example is None or np.shape(c.per_example) != np.shape(met_eval.per_example):
@@ -270,7 +277,7 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
     sparsity = 1 - met_size.nonzero_parameters / met_size.parameters if met_size.parameters else 0.0
     c = applied.cost
     return dict(
-        quality=quality, fidelity=Fidelity(metric=fid_metric, value=fid_value), controls=controls,
+        quality=quality, fidelity=Fidelity(metric=fid_metric, value=fid_value, divergence=divergence), controls=controls,
         method_stats=method_stats,
         speed=speed_record(timing, rules, unit, items),
         memory=Memory(measure=measure, reference_peak_bytes=ref_mem, method_peak_bytes=met_mem),

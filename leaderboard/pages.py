@@ -9,7 +9,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from bench.formats import (fbytes, fcount, fdelta, ffidelity, fmem, fq, fratio, fsecs,  # noqa: F401
+from bench.formats import (fbytes, fcount, fdelta, fdivergence, ffidelity, fmem, fq, fratio, fsecs,  # noqa: F401
                            fshare, fspeed)  # one formatter per quantity; static/task.js follows the same rules
 from leaderboard import data as D
 
@@ -288,7 +288,8 @@ def run_page(r, rel: str, verified: bool, raw: str, verification: tuple[str, lis
         compare.append((q.metric, fq(q.reference_value, metric), fq(q.value, metric), fdelta(q.delta, metric) + ci,
                         ""))
         if r.fidelity:
-            compare.append((r.fidelity.metric, "", ffidelity(r.fidelity.value, r.fidelity.metric), "", ""))
+            compare.append((r.fidelity.metric, "", ffidelity(r.fidelity.value, r.fidelity.metric),
+                            fdivergence(r.fidelity.divergence), ""))
         for ctl in r.controls:
             gi = ctl.gain_interval
             gain = (f"method - control {fdelta(q.value - ctl.value, metric)} [{fdelta(gi.low, metric)}, "

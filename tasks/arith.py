@@ -251,7 +251,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
         for i, ids in enumerate(r.generated):
             outputs[i, :len(ids)] = ids
         assert abs(r.per_example.mean() - r.value) < 1e-9, (r.per_example.mean(), r.value)
-        return Evaluation(r.value, r.per_example, outputs)
+        return Evaluation(r.value, r.per_example, outputs, contexts=r.context_ids)
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
         import numpy as np

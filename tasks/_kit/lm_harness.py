@@ -114,6 +114,7 @@ class HarnessResult:
     raw: dict  # lm-eval's results entry for the task
     prompt_tokens: list[int] = field(default_factory=list)  # each document's prompt as lm-eval tokenized it
     context_tokens: list[int] = field(default_factory=list)  # what the model was given (left-truncated)
+    context_ids: list[list[int]] = field(default_factory=list)  # those token ids, per document
 
     @property
     def truncated(self) -> int:
@@ -233,4 +234,5 @@ def evaluate(subject: Subject, folder: Path | None, name: str, limit: int | None
     raw = out["results"][name]
     return HarnessResult(float(raw[f"exact_match,{FILTER}"]), float(raw[f"exact_match_stderr,{FILTER}"]),
                          per_example, generated, texts, {k: v for k, v in raw.items() if k != "alias"},
-                         [e.prompt_tokens for e in encodings], [e.context_tokens for e in encodings])
+                         [e.prompt_tokens for e in encodings], [e.context_tokens for e in encodings],
+                         [list(e.ids) for e in encodings])
