@@ -25,7 +25,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.reproduce import ReproduceRefused, read_record, version_differences
+from bench.reproduce import ReproduceRefused, read_record
+from bench.versions import version_differences
 from bench.result import Remeasured, Result
 from bench.store import atomic_write_text
 

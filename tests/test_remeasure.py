@@ -53,7 +53,6 @@ def test_remeasure_pools_worker_processes(made, tmp_path):
     path = copy(made, tmp_path)
     new = remeasure(path, processes=2, argv=["bench", "remeasure", "--processes", "2", "x.json"])
     assert new.speed.processes == 2
-    assert new.speed.reference.n == sum(1 for _ in range(new.speed.reference.n))  # pooled pairs of both
     assert new.speed.reference.n >= 8  # smoke: at least 4 pairs in each of the two workers
 
 

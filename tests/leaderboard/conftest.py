@@ -28,3 +28,15 @@ def results_tree(tmp_path: Path) -> Path:
     write(make_result(method="kd", profile="h100-bf16", hp={"temperature": 4.0, "alpha": 0.5}, delta=-0.001,
                       speedup=5.0, n=9), root)
     return root
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """The system Chromium under Playwright, for the modules that import `browser_kit` (which skips them when
+    either is absent)."""
+    from browser_kit import ARGS, CHROMIUM, sync_api
+
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()

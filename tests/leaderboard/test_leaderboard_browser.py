@@ -11,58 +11,13 @@ import csv
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from leaderboard.build import build_site
+from browser_kit import REPO, Watched
 from lb_synth import CONTENDED, XSS, unreliable_tree
-
-CHROMIUM = os.environ.get("BENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
-REPO = Path(__file__).resolve().parents[2]
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="the `playwright` Python package is not installed "
-                               "(pip install playwright)")
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` (apt-get install chromium) to run the "
-                f"browser tests", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
-
-
-class Watched:
-    """A page whose console errors, uncaught exceptions, dialogs and requests are recorded."""
-
-    def __init__(self, browser, **kw):
-        self.context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000}, **kw)
-        self.page = self.context.new_page()
-        self.errors: list[str] = []
-        self.dialogs: list[str] = []
-        self.requests: list[str] = []
-        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
-        self.page.on("request", lambda r: self.requests.append(r.url))
-
-    def goto(self, url: str) -> None:
-        self.page.goto(url)
-        self.page.wait_for_load_state("load")
-
-    def check_clean(self) -> None:
-        assert self.errors == [], self.errors
-        assert self.dialogs == [], f"a script from a result file ran: {self.dialogs}"
-        assert self.requests and all(u.startswith("file:") for u in self.requests), \
-            [u for u in self.requests if not u.startswith("file:")]
-
 
 def counts(page) -> tuple[int, int]:
     return page.locator("#plot circle.pt").count(), page.locator("#tbody tr[data-id]").count()

@@ -16,61 +16,20 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 from leaderboard.build import build_site
+from browser_kit import REPO, Watched
 from lb_synth import XSS, make_result, write
 
-CHROMIUM = os.environ.get("BENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
-REPO = Path(__file__).resolve().parents[2]
 PHONE, LAPTOP = 390, 1280
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the `playwright` Python package is not installed "
-                               "(pip install playwright)")
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` (apt-get install chromium) to run the "
-                f"browser tests", allow_module_level=True)
 
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
-
-
-class Screen:
-    """A page at one width (a phone is a touch screen), with console errors, dialogs and requests recorded."""
-
-    def __init__(self, browser, width: int, height: int = 900):
-        phone = width < 600
-        self.width = width
-        self.context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
-                                           has_touch=phone, is_mobile=phone)
-        self.page = self.context.new_page()
-        self.errors: list[str] = []
-        self.dialogs: list[str] = []
-        self.requests: list[str] = []
-        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
-        self.page.on("request", lambda r: self.requests.append(r.url))
-
-    def goto(self, url: str) -> None:
-        self.page.goto(url)
-        self.page.wait_for_load_state("load")
-
-    def close(self) -> None:
-        assert self.errors == [], self.errors
-        assert self.dialogs == [], f"a script from a result file ran: {self.dialogs}"
-        assert all(u.startswith("file:") for u in self.requests), [u for u in self.requests if not u.startswith("file:")]
-        self.context.close()
+def Screen(browser, width: int, height: int = 900) -> Watched:
+    """A page at one width (a phone, below 600 px, is a touch screen)."""
+    return Watched(browser, width, height, device_scale_factor=1)
 
 
 # Every element's box as it shows: cut by each ancestor that clips or scrolls sideways. What shows past the
@@ -103,7 +62,7 @@ DOUBLE_SCROLL_JS = """() => Array.from(document.querySelectorAll('body *')).filt
 }).map(el => el.tagName + '.' + el.className)"""
 
 
-def check_fits(screen: Screen, what: str) -> None:
+def check_fits(screen: Watched, what: str) -> None:
     got = screen.page.evaluate(OVERFLOW_JS, screen.width)
     assert got["scroll"] <= screen.width and got["body"] <= screen.width, (what, screen.width, got)
     assert got["out"] == [], (what, screen.width, got["out"])
