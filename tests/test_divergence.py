@@ -134,3 +134,30 @@ def test_the_runner_records_why_a_lossless_decoder_differs(tmp_path, monkeypatch
     d = r.fidelity.divergence
     assert r.fidelity.value < 1 and d is not None
     assert d.differing > 0 and d.beyond_rounding >= 1 and d.numeric + d.beyond_rounding + d.unexplained == d.analysed
+
+
+def test_every_batch_shape_computes_the_same_logits_up_to_rounding():
+    """The shapes the noise is measured over are the same position recomputed: one parallel pass, and blocks of
+    1..min(BLOCKS, t) tokens after a prefilled cache, all equal to token-by-token decoding up to float32 rounding
+    (a shape that fed the wrong tokens or positions would differ by O(1))."""
+    from bench.divergence import BLOCKS, _logits_in_shapes
+
+    model = tiny()
+    context = CONTEXTS[0]
+    prefix, logits = greedy_with_logits(model, context, 12)
+    for t in (0, 3, 10):
+        seq, others = _logits_in_shapes(model, context, prefix[:t])
+        assert len(others) == 1 + min(BLOCKS, t)
+        assert np.allclose(seq, logits[t].numpy(), atol=1e-4)
+        for z in others:
+            assert np.allclose(z, seq, atol=1e-4) and not np.array_equal(z, logits[t + 1].numpy())
+
+
+def test_details_name_each_flip():
+    model = tiny()
+    ref_rows = [greedy_with_logits(model, c, 8)[0] for c in CONTEXTS]
+    met_rows = [list(r) for r in ref_rows]
+    met_rows[1][4] = (met_rows[1][4] + 1) % VOCAB
+    d = analyse(model, CONTEXTS, padded(ref_rows), padded(met_rows), details=True)
+    assert [(f["answer"], f["position"]) for f in d["flips"]] == [(1, 4)]
+    assert d["flips"][0]["gap"] > 0 and d["flips"][0]["kind"] in ("numeric", "beyond_rounding")
