@@ -263,8 +263,20 @@ class Pipeline(Protocol):
         evaluation's."""
 
 
+@runtime_checkable
+class ShiftedPrompts(Protocol):
+    """Prompts from a distribution shifted away from the one the task's models were trained on (a method that
+    adapts while it serves is measured on a stream of them)."""
+
+    shift: ClassVar[str]  # what differs from the training and test problems, in a sentence
+
+    def shifted_prompts(self, n: int, seed: int) -> list[str]:
+        """`n` prompts in stream order, formatted as the task's evaluation prompts its subject (tokenised without
+        special tokens, as the workload does), drawn from the shifted distribution; fixed by `seed`."""
+
+
 CAPABILITIES: tuple[type, ...] = (TrainingRows, TrainingSplit, Student, Draft, Augmentation, Tokenizer,
-                                  EncoderData, Pipeline)
+                                  EncoderData, Pipeline, ShiftedPrompts)
 
 
 def pick(n_rows: int, n: int, seed: int) -> list[int]:

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from bench.api import Draft, Student, Tokenizer, TrainingRows
+from bench.api import Draft, ShiftedPrompts, Student, Tokenizer, TrainingRows
 from bench.registry import register_task
 from tasks import arith_data
 from tasks.base import ARTIFACTS, Evaluation, ReferenceWeights, RunContext, Subject, Task
@@ -61,7 +61,7 @@ SMOKE_WORKLOAD_SIZE = 2
 @register_task("arith", modality="causal-lm", tier="embedded", metric="exact_match", higher_is_better=True,
                version="1", summary="GSM8K-format arithmetic word problems; small Llama reference and draft, "
                                     "exact match through lm-eval")
-class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
+class Arith(Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPrompts):
     reference_sha256 = REFERENCE_SHA256
     draft_sha256 = DRAFT_SHA256
     recipe = RECIPE
@@ -122,6 +122,14 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer):
     def training_rows(self) -> list[dict]:
         """The generated training problems (TrainingRows)."""
         return self.train
+
+    shift = arith_data.SHIFT
+
+    def shifted_prompts(self, n: int, seed: int) -> list[str]:
+        """Prompts of `arith_data.shifted` problems (ShiftedPrompts): long chains of 4-6 operations."""
+        from tasks._kit import lm
+
+        return [lm.prompt_of(p["question"]) for p in arith_data.shifted(n, seed)]
 
     def build_student(self):
         """The draft's architecture, untrained: the student every distillation method trains."""

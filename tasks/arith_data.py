@@ -362,6 +362,23 @@ def generate(seed: int = SEED, n_test: int = TEST_SIZE, n_train: int = TRAIN_SIZ
     return train, test
 
 
+SHIFTED_OPS = (4, 5, 6)  # events per shifted problem: every training and test problem has 1-3 operations
+SHIFT = ("long chains: `change` problems of 4-6 events (gain, loss, doubling/tripling, equal split), where every "
+         "training and test problem has 1-3 operations from ten scenario families")
+
+
+def shifted(n: int, seed: int = SEED) -> list[dict]:
+    """`n` problems from a distribution the arith models were not trained on (`SHIFT`): running counts changed
+    by `SHIFTED_OPS` events, in GSM8K's format. A stream of its own (`random.Random(f"shifted-{seed}")`), so the
+    train and test splits are untouched; none of these questions can occur in them (more operations)."""
+    rng = random.Random(f"shifted-{seed}")
+    out = []
+    for _ in range(n):
+        q, lines, value = _change(rng, rng.choice(SHIFTED_OPS))
+        out.append({"question": q, "answer": _answer(lines, value)})
+    return out
+
+
 def drills(n_lines: int, seed: int = SEED, per_line: int = 10) -> list[str]:
     """Arithmetic drill lines for training: `per_line` calculator annotations (`<<48+24=72>>72`) separated by
     spaces, taken from the steps of fresh problems (so they follow the problems' own distribution of

@@ -54,7 +54,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from bench.api import Draft, Student, Tokenizer, TrainingRows
+from bench.api import Draft, ShiftedPrompts, Student, Tokenizer, TrainingRows
 from bench.registry import register_task
 from tasks._kit import pretrained
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
@@ -146,7 +146,7 @@ def greedy(model, tok) -> None:
 @register_task("gsm8k", modality="causal-lm", tier="full", metric="exact_match", higher_is_better=True,
                version="1", summary="GSM8K via lm-eval's own gsm8k task (5-shot, strict match); "
                                     "Qwen2.5-1.5B-Instruct reference, Qwen2.5-0.5B-Instruct draft")
-class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
+class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPrompts):
     reference_sha256 = None  # no pinned artifact: the hash of the weights as loaded is recorded
 
     def __init__(self) -> None:
@@ -297,6 +297,20 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer):
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
         task.build_all_requests(limit=n, rank=0, world_size=1)
         return [inst.args[0] for inst in sorted(task.instances, key=lambda i: i.doc_id)]
+
+    shift = ("templated synthetic problems (arith's long chains of 4-6 operations, `tasks.arith_data.shifted`) "
+             "in lm-eval's 5-shot gsm8k prompt, where the test problems are GSM8K's own")
+
+    def shifted_prompts(self, n: int, seed: int) -> list[str]:
+        """lm-eval's 5-shot gsm8k contexts (few-shot examples from the train split, lm-eval's few-shot seed) of
+        `n` synthetic long-chain problems (ShiftedPrompts): a shift in style and step count from GSM8K's."""
+        from tasks import arith_data
+
+        task = build_lm_eval_task(self.config)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        shots = task.config.num_fewshot or 0
+        return [task.fewshot_context({"question": p["question"], "answer": p["answer"]}, shots)
+                for p in arith_data.shifted(n, seed)]
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
         import torch
