@@ -1,5 +1,7 @@
 """Shared fixtures. Every test session gets its own empty cache (BENCH_CACHE), so tests never read or
-write the user's cache; the digits reference comes from the committed artifact, so nothing is retrained."""
+write the user's cache; the digits reference comes from the committed artifact, so nothing is retrained.
+`BENCH_TEST_CACHE=<folder>` opts a session into that cache instead: the benchmarks then time the trained parts
+`bench run` left there (the heads, drafts and adapted drafts of the records) rather than training their own."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 
 
 def pytest_configure(config):
-    os.environ["BENCH_CACHE"] = tempfile.mkdtemp(prefix="bench-test-cache-")
+    os.environ["BENCH_CACHE"] = os.environ.get("BENCH_TEST_CACHE") or tempfile.mkdtemp(prefix="bench-test-cache-")
 
 
 @pytest.fixture

@@ -8,6 +8,11 @@ and draft.
 - each decoding method against plain greedy `generate` (the reference's own procedure): the paired speedup,
   beside the method's acceptance statistics (`extra_info`), so a speedup can be read against its cause.
   `medusa` trains its heads the first time (minutes; cached after), with its default sparse tree and the chain.
+- `test_spec_bench_table`: every registered decoding method for causal LMs (EAGLE's static and dynamic trees,
+  Medusa's sparse tree and chain) against greedy in one process, printed as Spec-Bench's table is: mean accepted
+  tokens per target pass, speedup with its interval, training cost (`pytest --benchmark-only -s -k spec_bench`);
+  beside it what one target pass of n tokens costs against a greedy step (the per-pass overhead that decides
+  which tree size pays on a CPU).
 
 Tiny models on a CPU are overhead-bound (see FIELD-NOTES): a ratio near or below 1 is a finding, not a failure,
 so nothing here asserts a speedup; it asserts only that the outputs are the reference's own.
@@ -94,3 +99,87 @@ def test_speedup_over_greedy(benchmark, arith, method, overrides):
     benchmark.extra_info.update(speedup=t.speedup, low=t.interval[0], high=t.interval[1], pairs=t.n,
                                 tokens_per_call=items, **a.stats())
     assert t.interval[0] <= t.speedup <= t.interval[1]
+
+
+# Every registered decoding method for causal LMs (and the named variants of the tree methods), Spec-Bench style.
+VARIANTS = {"medusa": [{}, {"tree": "chain"}], "eagle": [{}, {"tree": "dynamic"}]}
+
+
+def decoding_methods() -> list[tuple[str, dict[str, str]]]:
+    from bench.registry import METHODS
+
+    return [(m.name, v) for m in METHODS if m.family == "decoding" and "causal-lm" in m.modalities
+            for v in VARIANTS.get(m.name, [{}])]
+
+
+VERIFY_WIDTHS = (1, 2, 5, 9, 17, 25, 33)  # tokens in one target pass: a step, speculative's k + 1 = 5, trees
+
+
+def verification_cost(model, widths=VERIFY_WIDTHS, past: int = 100, reps: int = 60) -> dict[int, float]:
+    """Median seconds of one forward pass of `model` over n new tokens after a KV cache of `past` tokens (what a
+    verification pass of n tokens costs; n = 1 is a greedy step), the cache cropped back after each pass."""
+    import statistics
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    from tasks._kit.lm import cache_kwargs
+
+    out = {}
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.arange(3, 3 + past)[None] % model.config.vocab_size, **cache_kwargs(model, cache),
+              use_cache=True)
+        for n in widths:
+            ids = (torch.arange(n)[None] + 7) % model.config.vocab_size
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+                times.append(time.perf_counter() - t0)
+                cache.crop(-n)
+            out[n] = statistics.median(times)
+    return out
+
+
+def test_spec_bench_table(benchmark, arith, tmp_path_factory):
+    """One process, one workload, every decoding method against greedy, as Spec-Bench's table (Xia et al.
+    2024): method, mean accepted tokens per target pass, speedup with its 95% interval, training cost. Trained
+    parts are trained in the session's cache (minutes) unless `BENCH_TEST_CACHE=~/.cache/bench` points the
+    session at the parts the records' `bench run`s left (then `osd` times its draft as the evaluation stream
+    adapted it; in a fresh cache it learns from the timed calls themselves). The table is printed and kept in
+    extra_info; where the method keeps the reference's weights, its answers must be the reference's own."""
+    import json
+
+    task, ctx, reference = arith
+    ref_fn, items, _ = task.workload(reference, ctx)
+    rows = []
+
+    def run_all():
+        for name, overrides in decoding_methods():
+            a = applied(name, overrides, arith)
+            met_fn, _, _ = task.workload(a.subject, ctx)
+            if a.subject.model is reference.model:
+                assert same_outputs(ref_fn, met_fn), name
+            t = paired_timing(ref_fn, met_fn, RULES)
+            s = a.stats() if a.stats else {}
+            label = name + "".join(f" {k}={v}" for k, v in overrides.items())
+            rows.append({"method": label, "tokens_per_pass": s.get("mean_accepted_length"), "speedup": t.speedup,
+                         "low": t.interval[0], "high": t.interval[1], "training_s": a.cost.seconds})
+
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    cost = verification_cost(reference.model)
+    rows.sort(key=lambda r: -r["speedup"])
+    lines = [f"{'method':<24} {'tokens/pass':>11} {'speedup':>8}  interval        training"]
+    for r in rows:
+        tpp = "-" if r["tokens_per_pass"] is None else f"{r['tokens_per_pass']:.2f}"
+        lines.append(f"{r['method']:<24} {tpp:>11} {r['speedup']:>7.2f}x  [{r['low']:.2f}, {r['high']:.2f}]  "
+                     f"{r['training_s'] or 0:>7.0f} s")
+    lines.append("one target pass of n tokens after 100 cached: " + ", ".join(
+        f"n={n} {cost[n] * 1e3:.2f} ms ({cost[n] / cost[1]:.2f}x)" for n in cost))
+    print("\n" + "\n".join(lines))
+    benchmark.extra_info.update(table=rows, verification_seconds=cost)
+    (tmp_path_factory.getbasetemp() / "spec-bench.json").write_text(json.dumps(
+        {"table": rows, "verification_seconds": cost}, indent=1))
+    assert all(r["low"] <= r["speedup"] <= r["high"] for r in rows)
