@@ -38,7 +38,7 @@ def full_env(tmp_path_factory):
 
 def test_every_distillation_method_runs_on_a_full_task():
     assert {m for _, m in CASES} == set(DISTILLATION)
-    lm_methods = {"kd-lm", "seqkd", "minillm", "gkd"}
+    lm_methods = {"kd-lm", "seqkd", "minillm", "gkd", "distillm"}
     assert {m for t, m in CASES if t == "gsm8k"} == lm_methods
     assert {m for t, m in CASES if t.startswith("glue")} == {"distilbert", "tinybert"}
 
