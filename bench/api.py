@@ -275,8 +275,22 @@ class ShiftedPrompts(Protocol):
         special tokens, as the workload does), drawn from the shifted distribution; fixed by `seed`."""
 
 
+@runtime_checkable
+class Sections(Protocol):
+    """The reference architecture cut into consecutive sections, and how the reference is trained (for a method
+    that trains the architecture again with classifiers inside it: early exits, self-distillation)."""
+
+    reference_recipe: Any  # how the task trains its reference (a TrainRecipe): the same architecture, same budget
+
+    def sections(self, model: "torch.nn.Module") -> list["torch.nn.Module"]:
+        """`model` (as `build_reference()` builds it) as consecutive sections made of its own modules (views, no
+        copies): applied in order they compute `model(x)`, to the same values. Every section but the last is a
+        stage of the backbone whose output is a whole feature map (N x C x H x W) a classifier can read; the last
+        is the classifier head, from the backbone's output to the logits."""
+
+
 CAPABILITIES: tuple[type, ...] = (TrainingRows, TrainingSplit, Student, Draft, Augmentation, Tokenizer,
-                                  EncoderData, Pipeline, ShiftedPrompts)
+                                  EncoderData, Pipeline, ShiftedPrompts, Sections)
 
 
 def pick(n_rows: int, n: int, seed: int) -> list[int]:

@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.api import Sections
 from bench.registry import register_task
 from tasks.base import ReferenceWeights, RunContext
 from tasks._kit.classification import ImageClassificationTask, Split, TrainRecipe
@@ -213,7 +214,7 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> "torch.nn.Module":
 @register_task("cifar10", modality="image-classification", tier="full", metric="top1_accuracy",
                higher_is_better=True, version="1",
                summary="CIFAR-10 (real data, user-downloaded); ResNet-34 reference vs a ResNet-18 student")
-class CIFAR10(ImageClassificationTask):
+class CIFAR10(ImageClassificationTask, Sections):
     reference_sha256 = None  # no committed artifact: trained into the cache, or BENCH_CIFAR10_REFERENCE
     verify_md5 = True  # check every file against torchvision's md5; BENCH_CIFAR10_VERIFY=0 turns it off
     # `fit` trains with Adam and a cosine schedule to zero (it has no SGD). The usual CIFAR ResNet recipe
@@ -294,6 +295,19 @@ class CIFAR10(ImageClassificationTask):
 
     def build_student(self):
         return cifar_resnet(18)
+
+    @property
+    def reference_recipe(self) -> TrainRecipe:  # the Sections capability's name for the reference's recipe
+        return self.recipe
+
+    def sections(self, model):
+        """The stem with ResNet's first stage (64 x 32 x 32), its other three stages (128 x 16 x 16, 256 x 8 x 8,
+        512 x 4 x 4), and the head (average pool, flatten, fc): torchvision's `ResNet.forward` step for step,
+        on the model's own modules."""
+        from torch import nn
+
+        return [nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1), model.layer2,
+                model.layer3, model.layer4, nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)]
 
     def reference_weights(self, ctx: RunContext) -> ReferenceWeights:
         """`BENCH_CIFAR10_REFERENCE` when set; else the reference trained into the cache on first use."""

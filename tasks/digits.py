@@ -8,6 +8,7 @@ result on `digits` is measured against those exact weights on every machine.
 
 from __future__ import annotations
 
+from bench.api import Sections
 from bench.registry import register_task
 from tasks._kit.classification import ImageClassificationTask, Split, TrainRecipe
 from tasks.base import RunContext
@@ -39,7 +40,7 @@ def _student():
 @register_task("digits", modality="image-classification", tier="embedded", metric="top1_accuracy",
                higher_is_better=True, version="1",
                summary="scikit-learn 8x8 digits; CNN teacher (160k params) vs a 3.7k-param student")
-class Digits(ImageClassificationTask):
+class Digits(ImageClassificationTask, Sections):
     # the published reference: `bench reference build digits --publish` rebuilds it bit for bit on x86-64
     reference_sha256 = "d37485ee3a580ed07772f5ffe661aa7a6ab73be902107d2b8e083a88f4c05189"
     recipe = TrainRecipe(epochs=40, lr=2e-3, batch_size=64)  # teacher: ~98-99% top-1 in ~15 s on 2 cores
@@ -69,3 +70,12 @@ class Digits(ImageClassificationTask):
 
     def build_student(self):
         return _student()
+
+    @property
+    def reference_recipe(self) -> TrainRecipe:  # the Sections capability's name for the reference's recipe
+        return self.recipe
+
+    def sections(self, model):
+        """Three stages of the backbone (32 x 8 x 8, 64 x 4 x 4 and 128 x 2 x 2 feature maps), then the head
+        (flatten and the two linear layers): slices of the Sequential, sharing its modules."""
+        return [model[0:2], model[2:5], model[5:8], model[8:]]
