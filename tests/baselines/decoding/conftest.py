@@ -62,3 +62,9 @@ def drafts(target, tokenizer) -> dict:
     return {"noisy-copy": perturbed(target, 0.2),
             "unrelated": tiny_llama(len(tokenizer), hidden=16, layers=1, heads=1, seed=7,
                                     eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)}
+
+
+@pytest.fixture(scope="module")
+def smoke_ctx(ctx):
+    """The `ctx` profile at the smoke budget (what the apply tests train under)."""
+    return RunContext(profile=ctx.profile, seed=0, progress=ctx.progress, batch_size=1, budget="smoke")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.api import Draft
+from bench.api import Draft, TrainingRows
 
 from tasks.base import Subject
 
@@ -52,3 +52,19 @@ def greedy(model, ids: torch.Tensor, max_new: int, eos: int, pad: int) -> list[i
                              eos_token_id=eos, pad_token_id=pad)
     new = out[0, ids.shape[1]:].tolist()
     return new[:new.index(eos) + 1] if eos in new else new
+
+
+@dataclass
+class RowsTask(TrainingRows):
+    """Stands in for a causal-LM task with a training split: all that medusa, eagle and cllm read from a task."""
+
+    rows: list
+
+    def training_rows(self) -> list:
+        return self.rows
+
+    def data_fingerprint(self) -> str:
+        return "rows-" + str(len(self.rows))
+
+    class spec:  # noqa: N801 - what the cache's folder names read
+        name, version = "rows", "1"

@@ -6,34 +6,16 @@ run on arith. Tiny random Llamas over the arith tokenizer (conftest), never trai
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from baselines.decoding import _cllm
 from baselines.decoding.cllm import CLLM, CLLMConfig, split_rows
-from bench.api import TrainingRows
 from bench.config import ConfigError, apply_overrides
-from decoding_models import greedy, tiny_llama
+from decoding_models import RowsTask, greedy, tiny_llama
 from tasks._kit import lm
 from tasks.base import Subject
-
-
-@dataclass
-class RowsTask(TrainingRows):
-    """Stands in for a causal-LM task with a training split (all `cllm` reads from a task)."""
-
-    rows: list
-
-    def training_rows(self) -> list:
-        return self.rows
-
-    def data_fingerprint(self) -> str:
-        return "rows-" + str(len(self.rows))
-
-    class spec:  # noqa: N801 - what the cache's folder names read
-        name, version = "rows", "1"
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,11 @@ from baselines.decoding._eagle import Features, build_head, causal_mask, eagle_l
 from baselines.decoding._tree import Tree
 from baselines.decoding.eagle import EagleConfig, EagleDecoder, select_dynamic, static_tree
 from baselines.decoding.jacobi import Counters
-from bench.api import TrainingRows
 from bench.config import ConfigError
 from bench.registry import create_method
-from decoding_models import greedy, tiny_llama
+from decoding_models import RowsTask, greedy, tiny_llama
 from tasks._kit import lm
-from tasks.base import RunContext, Subject
+from tasks.base import Subject
 
 ACCURACY = [0.6, 0.2, 0.1, 0.05]  # made-up rank accuracies, for static trees
 
@@ -311,26 +310,6 @@ def test_stops_at_eos_and_at_max_new_tokens(kind, max_new, trained):
 
 
 # ---- apply: training, cache, cost, statistics ---------------------------------------------------------------
-
-class RowsTask(TrainingRows):
-    """Stands in for a causal-LM task with a training split (what eagle reads from a task)."""
-
-    spec = SimpleNamespace(name="stand-in", version="0")
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def training_rows(self):
-        return self.rows
-
-    def data_fingerprint(self) -> str:
-        return "stand-in-" + str(len(self.rows))
-
-
-@pytest.fixture(scope="module")
-def smoke_ctx(ctx):
-    return RunContext(profile=ctx.profile, seed=0, progress=ctx.progress, batch_size=1, budget="smoke")
-
 
 def test_apply_trains_caches_and_decodes_exactly(target, tokenizer, arith_task, prompts, smoke_ctx):
     model = copy.deepcopy(target)

@@ -6,19 +6,17 @@ smoke runs on arith."""
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from baselines.decoding.jacobi import Counters
 from baselines.decoding.medusa import TREES, MedusaConfig, MedusaDecoder, build_heads, build_tree, head_targets
-from bench.api import TrainingRows
 from bench.config import ConfigError
 from bench.registry import create_method
-from decoding_models import greedy, tiny_llama
+from decoding_models import RowsTask, greedy, tiny_llama
 from tasks._kit import lm
-from tasks.base import RunContext, Subject
+from tasks.base import Subject
 
 ACCURACY = [[0.6, 0.2, 0.1, 0.05], [0.4, 0.2, 0.1, 0.05], [0.3, 0.1, 0.1, 0.05]]  # made up, for sparse trees
 
@@ -140,26 +138,6 @@ def test_every_preset_is_a_tree_within_the_heads(name):
 
 
 # ---- apply: training, cache, cost, statistics ---------------------------------------------------------------
-
-class RowsTask(TrainingRows):
-    """Stands in for a causal-LM task with a training split (what medusa reads from a task)."""
-
-    spec = SimpleNamespace(name="stand-in", version="0")
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def training_rows(self):
-        return self.rows
-
-    def data_fingerprint(self) -> str:
-        return "stand-in-" + str(len(self.rows))
-
-
-@pytest.fixture(scope="module")
-def smoke_ctx(ctx):
-    return RunContext(profile=ctx.profile, seed=0, progress=ctx.progress, batch_size=1, budget="smoke")
-
 
 def test_apply_trains_caches_and_decodes_exactly(target, tokenizer, arith_task, prompts, smoke_ctx):
     model = copy.deepcopy(target)
