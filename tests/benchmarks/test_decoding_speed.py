@@ -23,6 +23,7 @@ from __future__ import annotations
 import pytest
 
 from bench.timing import TimingRules, paired_timing
+from published import published_arith
 
 RULES = TimingRules(warmup=2, min_time_s=5.0, min_repeats=10, max_repeats=60)
 
@@ -30,28 +31,7 @@ RULES = TimingRules(warmup=2, min_time_s=5.0, min_repeats=10, max_repeats=60)
 @pytest.fixture(scope="module")
 def arith():
     """(task, ctx, reference subject), or a skip when the published arith reference and draft are absent."""
-    import torch
-
-    from bench.profiles import load_profile
-    from bench.progress import Reporter
-    from tasks import arith as arith_module
-    from tasks.base import RunContext
-
-    art = arith_module.ART
-    published = [art / "reference" / "model.safetensors", art / "draft" / "model.safetensors"]
-    if not (arith_module.REFERENCE_SHA256 and arith_module.DRAFT_SHA256 and all(p.is_file() for p in published)):
-        pytest.skip("the published arith reference and draft (tasks/artifacts/arith/) are not there yet; "
-                    "`bench reference build arith --publish` makes them")
-    profile = load_profile("cpu")
-    torch.set_num_threads(profile.threads)
-    ctx = RunContext(profile=profile, seed=0, progress=Reporter(), device=profile.device, dtype=profile.dtype,
-                     batch_size=profile.batch_for("causal-lm"), budget="full")
-    task = arith_module.Arith()
-    task.load(ctx)
-    ref_w = task.reference_weights(ctx)
-    if not ref_w.canonical or not task.draft_weights(ctx).canonical:
-        pytest.skip(f"the arith reference or draft is not the published one ({ref_w.source})")
-    return task, ctx, task.subject_from_state(ref_w.state, ctx)
+    return published_arith("cpu")
 
 
 def applied(name: str, overrides: dict[str, str], arith):

@@ -17,29 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from published import published_arith
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def arith_bf16():
-    import torch
-
-    from bench.profiles import load_profile
-    from bench.progress import Reporter
-    from tasks import arith as arith_module
-    from tasks.base import RunContext
-
-    profile = load_profile("cpu-bf16")
-    torch.set_num_threads(profile.threads)
-    ctx = RunContext(profile=profile, seed=0, progress=Reporter(), device=profile.device, dtype=profile.dtype,
-                     batch_size=1, budget="full")
-    task = arith_module.Arith()
-    task.load(ctx)
-    ref_w = task.reference_weights(ctx)
-    if not ref_w.canonical or not task.draft_weights(ctx).canonical:
-        pytest.skip(f"the arith reference or draft is not the published one ({ref_w.source})")
-    return task, ctx, task.subject_from_state(ref_w.state, ctx)
+    return published_arith("cpu-bf16", batch_size=1)
 
 
 def answers(subject, contexts: list[list[int]], max_new: int) -> "list[list[int]]":
