@@ -11,8 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from baselines.decoding.speculative import (SpeculativeConfig, SpeculativeDecoder, _forward, _rollback,
-                                            accept_greedy)
+from baselines.decoding.speculative import SpeculativeConfig, SpeculativeDecoder
 
 if TYPE_CHECKING:
     import torch
@@ -150,43 +149,18 @@ class OnlineSpeculativeDecoder(SpeculativeDecoder):
         """`SpeculativeDecoder.generate`'s greedy loop, recording the target's logits at every emitted position
         (rows 0..n of each verification pass: the n accepted drafts, then the correction or the bonus token)."""
         import torch
-        from transformers import DynamicCache
 
-        device = prompt.device
-        seq = prompt.tolist()
-        start = len(seq)
-        tc, dc = DynamicCache(config=self.target.config), DynamicCache(config=self.draft.config)
-        st = self.stats
         rows, wrong = [], []
-        while len(seq) - start < max_new_tokens:
-            remaining = max_new_tokens - (len(seq) - start)
-            drafts, _ = self._draft(seq, dc, min(self.cfg.num_draft_tokens, remaining - 1), device)
-            g = drafts.shape[0]
-            ids = torch.cat([torch.tensor(seq[tc.get_seq_length():], device=device), drafts]).unsqueeze(0)
-            logits = _forward(self.target, ids, tc, g + 1)  # p_1 .. p_{g+1}
-            n, y = accept_greedy(logits, drafts)
-            prefix = len(seq)
-            emitted = drafts[:n].tolist() + [y]
-            _rollback(tc, prefix + n)
-            if g:
-                _rollback(dc, prefix + min(n, g - 1))
-            st.target_forward_passes += 1
-            st.drafted_tokens += g
-            st.accepted_tokens += n
-            if self.eos is not None and self.eos in emitted:
-                emitted = emitted[:emitted.index(self.eos) + 1]
-            if record:
-                rows.append(logits[:len(emitted)])
-                wrong += ([False] * n + [n < g])[:len(emitted)]
-            seq += emitted
-            st.emitted_tokens += len(emitted)
-            if emitted[-1] == self.eos:
-                break
-        out = seq[start:]
+
+        def keep(logits: "torch.Tensor", n: int, g: int, emitted: list[int]) -> None:
+            rows.append(logits[:len(emitted)])
+            wrong.extend(([False] * n + [n < g])[:len(emitted)])
+
+        out = self.generate(prompt, max_new_tokens, on_verify=keep if record else None)
         if not record or not out:
             return out, None
-        return out, Record(torch.tensor(seq, device=device), start, torch.cat(rows),
-                           torch.tensor(wrong, dtype=torch.bool, device=device))
+        return out, Record(torch.cat([prompt, torch.tensor(out, device=prompt.device)]), prompt.shape[0],
+                           torch.cat(rows), torch.tensor(wrong, dtype=torch.bool, device=prompt.device))
 
     def update(self) -> float:
         """steps_per_update AdamW steps on the mean of D(p || q_theta) over the buffer's recorded positions;

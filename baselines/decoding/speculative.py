@@ -174,9 +174,12 @@ class SpeculativeDecoder:
         return drafts, qs
 
     def generate(self, prompt: "torch.Tensor", max_new_tokens: int,
-                 on_iteration: Callable[[list[int], object, object], None] | None = None) -> list[int]:
+                 on_iteration: Callable[[list[int], object, object], None] | None = None,
+                 on_verify: Callable[["torch.Tensor", int, int, list[int]], None] | None = None) -> list[int]:
         """New tokens after the 1-D `prompt`, up to `max_new_tokens` or EOS (included). `on_iteration(seq,
-        target_cache, draft_cache)` is called after every rollback (for tests)."""
+        target_cache, draft_cache)` is called after every rollback (for tests); `on_verify(logits, n, g,
+        emitted)` after every verification pass, with the target's logits p_1..p_{g+1}, the n accepted of g
+        drafts and the tokens it emitted (what online distillation records)."""
         import torch
         from transformers import DynamicCache
 
@@ -207,6 +210,8 @@ class SpeculativeDecoder:
             st.accepted_tokens += n
             if self.eos is not None and self.eos in emitted:
                 emitted = emitted[:emitted.index(self.eos) + 1]
+            if on_verify is not None:
+                on_verify(logits, n, g, emitted)
             seq += emitted
             st.emitted_tokens += len(emitted)
             if on_iteration is not None:
