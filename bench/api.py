@@ -5,7 +5,7 @@
   modality (`LMExtra`, `DiffusionExtra`, `ClassifierExtra`).
 - `Evaluation`: a subject's quality: the value, per-example scores (for paired intervals) and raw outputs.
 - `ReferenceWeights`: the reference's state dict with its sha256 and whether it is the published artifact.
-- `Cost`, `ControlResult`, `Applied`: what a method's `apply(subject, task, ctx)` returns.
+- `Cost`, `ControlResult`, `TrainingComparison`, `Applied`: what a method's `apply(subject, task, ctx)` returns.
 - `Budget`: `full`, or `smoke` (CI's capped run: every training stops after `SMOKE_STEPS` steps).
 - Capabilities: small protocols a task declares by subclassing them (`class Arith(Task, TrainingRows,
   Draft, ...)`), each one method or property. A method names the ones it needs at registration
@@ -150,6 +150,24 @@ class Cost:
 
 
 @dataclass
+class TrainingComparison:
+    """For a method whose product is a smaller training set (dataset distillation): the task's architecture
+    trained on that set against the same architecture trained on the task's full training split. The runner
+    records it as the result's `training` block, with the ratios."""
+    rows: int  # rows of the method's training set
+    seconds: float  # wall time of training on it
+    steps: int
+    samples_seen: int
+    full_rows: int  # rows of the task's full training split
+    full_seconds: float  # wall time of training the same architecture on it
+    full_steps: int
+    full_samples_seen: int
+    full_source: str  # where the full-split figures come from (this run, or a cached earlier measurement)
+    preparation_seconds: float = 0.0  # one-off cost of making the set (synthesis), beside the training
+    description: str = ""
+
+
+@dataclass
 class ControlResult:
     name: str  # e.g. "student_without_teacher"
     description: str
@@ -167,6 +185,7 @@ class Applied:
     # statistics of the method's own procedure (acceptance rate, mean accepted length, KV-cache tokens kept),
     # called once, right after the runner has evaluated the returned subject: they describe the evaluation set
     stats: Callable[[], dict[str, float]] | None = None
+    training: TrainingComparison | None = None  # a method that accelerates training, not inference
 
 
 # --- capabilities ------------------------------------------------------------------------------------------

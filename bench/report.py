@@ -54,6 +54,12 @@ def summary_table(r: Result, path: Path | None = None) -> Table:
                       fratio(r.compute.method, r.compute.reference, "x"))
         tokens = f", {c.tokens_seen:,} tokens" if c.tokens_seen is not None else ""
         t.add_row("method cost", "", f"{c.seconds:.1f} s, {c.steps} steps{tokens}", c.description)
+        if r.training:
+            tr = r.training
+            t.add_row("training the architecture", f"{tr.full_seconds:.1f} s on {tr.full_rows:,} rows",
+                      f"{tr.seconds:.1f} s on {tr.rows:,} rows",
+                      f"time {tr.time_ratio:.3g}x ({tr.time_ratio_with_preparation:.3g}x with "
+                      f"{tr.preparation_seconds:.1f} s of preparation), samples {tr.samples_ratio:.3g}x")
     if not r.profile.matched:
         t.add_row("profile mismatch", "", "; ".join(r.profile.mismatches), "")
     t.caption = f"{path}" if path else None

@@ -275,6 +275,30 @@ class Cost(_M):
     description: str = ""
 
 
+class Training(_M):
+    """What a method that makes a smaller training set (dataset distillation) saves in training, rather than in
+    inference: the task's architecture trained on the method's set against the same architecture trained on the
+    task's full training split. Added to `bench.result/1` as an optional block that carries its own `version`
+    (a record without it stays valid, and a reader that knows the block checks the version it reads)."""
+    version: Literal[1] = Field(1, description="this block's version")
+    rows: int = Field(ge=1, description="rows of the training set the method's model was trained on")
+    seconds: float = Field(gt=0, description="wall time of training the method's model on those rows")
+    steps: int = Field(ge=1)
+    samples_seen: int = Field(ge=1)
+    full_rows: int = Field(ge=1, description="rows of the task's full training split")
+    full_seconds: float = Field(gt=0, description="wall time of training the same architecture on the full split")
+    full_steps: int = Field(ge=1)
+    full_samples_seen: int = Field(ge=1)
+    full_source: str = Field(description="where the full-split figures come from (measured in this run, or "
+                             "cached from an earlier run's measurement on this machine)")
+    preparation_seconds: float = Field(0.0, ge=0, description="one-off cost of making the method's set (e.g. "
+                                       "synthesising it), paid once for every model trained on it")
+    time_ratio: float = Field(gt=0, description="seconds / full_seconds: < 1 trains faster")
+    samples_ratio: float = Field(gt=0, description="samples_seen / full_samples_seen")
+    time_ratio_with_preparation: float = Field(gt=0, description="(preparation_seconds + seconds) / full_seconds")
+    description: str = ""
+
+
 class LockInfo(_M):
     """The pinned environment a run was made in (`bench.lock`, locks/<name>.txt)."""
     name: str = Field(pattern=_NAME)
@@ -332,6 +356,8 @@ class Result(_M):
     size: Size | None = None
     compute: Compute | None = None
     cost: Cost | None = None
+    training: Training | None = Field(None, description="for a method that makes a smaller training set: "
+                                      "training on it against training on the full split (absent otherwise)")
     provenance: Provenance
     error: ErrorInfo | None = None
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
@@ -398,6 +424,14 @@ def invariant_errors(r: Result, path: Path | None = None, results_root: Path | N
             so = getattr(r.size, arm)
             if so.nonzero_parameters > so.parameters:
                 errs.append(f"size.{arm}.nonzero_parameters {so.nonzero_parameters} > parameters {so.parameters}")
+    if r.training:
+        t = r.training
+        for name, got, want in (("time_ratio", t.time_ratio, t.seconds / t.full_seconds),
+                                ("samples_ratio", t.samples_ratio, t.samples_seen / t.full_samples_seen),
+                                ("time_ratio_with_preparation", t.time_ratio_with_preparation,
+                                 (t.preparation_seconds + t.seconds) / t.full_seconds)):
+            if not _close(got, want):
+                errs.append(f"training.{name} {got} does not match its figures ({want})")
     for field, command in (("provenance.command", r.provenance.command),
                            ("speed.remeasured.command", r.speed.remeasured.command
                             if r.speed and r.speed.remeasured else None)):

@@ -29,7 +29,7 @@ from bench.tracepaths import relative_paths
 from bench.provenance import config_hash, provenance
 from bench.divergence import analyse as analyse_divergence
 from bench.result import (Compute, Control, Cost, Divergence, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
-                          ProfileInfo, Quality, Result, Secondary, Size, SizeOf, TaskInfo)
+                          ProfileInfo, Quality, Result, Secondary, Size, SizeOf, TaskInfo, Training)
 from bench.store import DEFAULT_RESULTS, write_result
 from bench.api import Evaluation, RunContext, offers
 
@@ -286,4 +286,19 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
         compute=Compute(unit="MACs", reference=count_macs(ref_fn), method=count_macs(met_fn)),
         cost=Cost(seconds=c.seconds, steps=c.steps, samples_seen=c.samples_seen, tokens_seen=c.tokens_seen,
                   description=c.description),
+        training=training_record(applied.training),
     )
+
+
+def training_record(t) -> Training | None:
+    """The result's `training` block from a method's `TrainingComparison` (None: the method made none), with
+    its ratios computed here, once."""
+    if t is None:
+        return None
+    return Training(rows=t.rows, seconds=t.seconds, steps=t.steps, samples_seen=t.samples_seen,
+                    full_rows=t.full_rows, full_seconds=t.full_seconds, full_steps=t.full_steps,
+                    full_samples_seen=t.full_samples_seen, full_source=t.full_source,
+                    preparation_seconds=t.preparation_seconds, time_ratio=t.seconds / t.full_seconds,
+                    samples_ratio=t.samples_seen / t.full_samples_seen,
+                    time_ratio_with_preparation=(t.preparation_seconds + t.seconds) / t.full_seconds,
+                    description=t.description)

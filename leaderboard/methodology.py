@@ -45,6 +45,9 @@ FIELDS = {
             "runtime skips the zeros",
     "compute": "MACs (or network evaluations) per timed call, from torch's flop counter",
     "cost": "what the method itself cost: training or calibration seconds, steps, samples and tokens",
+    "training": "for a method that makes a smaller training set (dataset distillation): training the task's "
+                "architecture on it against training it on the full split (seconds, steps, samples, rows), the "
+                "time and samples ratios, and the one-off cost of making the set; absent for other methods",
     "method_stats": "what the method reports about itself at run time, e.g. how often a cache fired or the "
                     "draft tokens accepted (the proof that a cache or a draft really worked)",
     "error": "for a failed run: the exception's type, message and traceback",
