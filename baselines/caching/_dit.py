@@ -35,10 +35,12 @@ def check_dit_blocks(model, method: str) -> None:
 
 def dit_forward(model, x, timestep, labels, branch: Callable[[int, str, Callable, Any], Any]):
     """The denoiser output (B, C_out, H, W), with every attention / MLP branch routed through `branch`."""
-    import torch
-    import torch.nn.functional as F
+    h = dit_blocks(model, model.pos_embed(x), timestep, labels, branch)
+    return dit_head(model, h, timestep, labels)
 
-    h = model.pos_embed(x)
+
+def dit_blocks(model, h, timestep, labels, branch: Callable[[int, str, Callable, Any], Any]):
+    """The token states after every transformer block, from the patch embedding's `h` (B, N, D)."""
     for i, block in enumerate(model.transformer_blocks):
         normed, g1, s2, c2, g2 = block.norm1(h, timestep, labels, hidden_dtype=h.dtype)
         a = branch(i, "attn", lambda z, blk=block: blk.attn1(z), normed)
@@ -46,6 +48,14 @@ def dit_forward(model, x, timestep, labels, branch: Callable[[int, str, Callable
         mlp_in = block.norm3(h) * (1 + c2[:, None]) + s2[:, None]
         m = branch(i, "mlp", lambda z, blk=block: blk.ff(z), mlp_in)
         h = h + g2.unsqueeze(1) * m
+    return h
+
+
+def dit_head(model, h, timestep, labels):
+    """The output layer: adaLN from the timestep and label embedding, projection, unpatchify."""
+    import torch
+    import torch.nn.functional as F
+
     cond = model.transformer_blocks[0].norm1.emb(timestep, labels, hidden_dtype=h.dtype)
     shift, scale = model.proj_out_1(F.silu(cond)).chunk(2, dim=1)
     h = model.proj_out_2(model.norm_out(h) * (1 + scale[:, None]) + shift[:, None])
