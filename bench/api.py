@@ -308,8 +308,19 @@ class Sections(Protocol):
         is the classifier head, from the backbone's output to the logits."""
 
 
+@runtime_checkable
+class CalibrationSampling(Protocol):
+    """A generative task's sampling loop on calibration inputs of its own (for a training-free method that fits
+    something to its subject's sampling trajectories, e.g. TeaCache's rescaling polynomial)."""
+
+    def sample_calibration(self, subject: Subject, n: int, ctx: RunContext) -> "torch.Tensor":
+        """Run `subject`'s sampler (its `extra`, as the evaluation runs it) on `n` calibration inputs: noise from a
+        seed the evaluation and the timed workload never use, and conditioning as for training. Returns the
+        samples; a caller records what it needs through the subject it passes."""
+
+
 CAPABILITIES: tuple[type, ...] = (TrainingRows, TrainingSplit, Student, Draft, Augmentation, Tokenizer,
-                                  EncoderData, Pipeline, ShiftedPrompts, Sections)
+                                  EncoderData, Pipeline, ShiftedPrompts, Sections, CalibrationSampling)
 
 
 def pick(n_rows: int, n: int, seed: int) -> list[int]:

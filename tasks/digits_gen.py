@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-from bench.api import TrainingSplit
+from bench.api import CalibrationSampling, TrainingSplit
 from bench.registry import register_task
 from tasks.base import ARTIFACTS, Evaluation, RunContext, Subject, Task
 from tasks._kit.diffusion import DIT, SCHEDULE, UNET, DiffusionRecipe
@@ -52,9 +52,10 @@ EVAL_SIZE = 500  # generated images FID is computed on (50 per class)
 SMOKE_EVAL_SIZE = 40
 EVAL_BATCH = 100  # images per sampling call in evaluation (not timed)
 WORKLOAD_SEED = 10_000  # the timed batch's noise: seed + WORKLOAD_SEED, disjoint from the evaluation's
+CALIBRATION_SEED = 20_000  # a method's calibration noise: seed + CALIBRATION_SEED, disjoint from both
 
 
-class DigitsGenTask(Task, TrainingSplit):
+class DigitsGenTask(Task, TrainingSplit, CalibrationSampling):
     backbone: ClassVar[str]
     recipe: ClassVar[DiffusionRecipe]
     arch: ClassVar[dict]
@@ -190,6 +191,13 @@ class DigitsGenTask(Task, TrainingSplit):
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
         return "ssim_to_reference", image_fidelity(reference.outputs, method.outputs)["ssim"]
+
+    def sample_calibration(self, subject: Subject, n: int, ctx: RunContext) -> "torch.Tensor":
+        """CalibrationSampling: the subject's sampler on `n` inputs of seed + CALIBRATION_SEED (balanced labels)."""
+        from tasks._kit.diffusion import eval_inputs, generate
+
+        noise, labels = eval_inputs(n, ctx.seed + CALIBRATION_SEED, ctx.device, ctx.torch_dtype)
+        return generate(subject, noise, labels, EVAL_BATCH)
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
         from tasks._kit.diffusion import eval_inputs, sample

@@ -39,7 +39,7 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-from bench.api import Pipeline
+from bench.api import CalibrationSampling, Pipeline
 from tasks._kit.pretrained import Pretrained
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
 
@@ -50,6 +50,7 @@ SMOKE_EVAL_SIZE = 4  # images evaluated under --budget smoke
 SMOKE_WORKLOAD = 2  # images per timed call under --budget smoke
 FIDELITY_IMAGES = 64  # the first images, kept to compare with the reference's (SSIM)
 WORKLOAD_SEED = 10_000  # the timed batch's noise seed: run seed + WORKLOAD_SEED, disjoint from the evaluation's
+CALIBRATION_SEED = 20_000  # a method's calibration noise: run seed + CALIBRATION_SEED, disjoint from both
 # torch-fidelity's Inception weights (`torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3`, a test keeps
 # the two equal), downloaded into torch's hub cache on first use: named here so the preflight need not import it
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -164,7 +165,7 @@ def load_images(path: str) -> "torch.Tensor":
     return hit[0]["images"]
 
 
-class LatentDiffusionTask(Pretrained, Task, Pipeline):
+class LatentDiffusionTask(Pretrained, Task, Pipeline, CalibrationSampling):
     """A full task on a diffusers latent-diffusion pipeline (see the module docstring); its reference is the
     loaded pipeline's denoiser, kept as `Pretrained` keeps a checkpoint (`subject_from_state` reuses it). Subclasses load their
     data and reference statistics in `load` (setting `n`, `reference_stats`, `data_digest`) and define the
@@ -341,6 +342,20 @@ class LatentDiffusionTask(Pretrained, Task, Pipeline):
         m = subject.model.config
         shape = (m.in_channels, m.sample_size, m.sample_size)
         return per_image_noise(indices, shape, seed).to(device=ctx.device, dtype=ctx.torch_dtype)
+
+    def sample_calibration(self, subject: Subject, n: int, ctx: RunContext) -> "torch.Tensor":
+        """CalibrationSampling: the subject's sampler on noise of seed + CALIBRATION_SEED and the training
+        conditions (indices past any evaluation's), in batches of the run's size; the decoded images."""
+        import torch
+
+        from tasks._kit.diffusion import sample
+
+        out, cond = [], self.training_conditions(subject, n, ctx)
+        for start in range(0, n, ctx.batch_size):
+            idx = list(range(start, min(start + ctx.batch_size, n)))
+            out.append(sample(subject, self.noise(subject, idx, ctx.seed + CALIBRATION_SEED, ctx),
+                              cond[start:start + len(idx)]))
+        return torch.cat(out)
 
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
         import numpy as np

@@ -9,7 +9,8 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task, method", [("digits-gen", "deepcache"), ("digits-gen-dit", "taylorseer"),
-                                          ("digits-gen-dit", "diffusers-taylorseer")])
+                                          ("digits-gen-dit", "diffusers-taylorseer"),
+                                          ("digits-gen-dit", "teacache")])
 def test_smoke_run(tmp_path, task, method):
     from bench.runner import run
 
