@@ -219,7 +219,8 @@ def test_wrong_statistics_dimensions_are_an_error_at_evaluation(env, tmp_path, m
 
 def test_samplers_and_caches_on_the_dit(env):
     """ddim at the reference's steps and fora at interval 1 reproduce the reference; taylorseer of order 0 is
-    fora; dpm-solver and unipc run; diffusers' hooks attach to the DiT blocks and fire."""
+    fora; dpm-solver and unipc run; diffusers' hooks attach to the DiT blocks and fire; teacache fits its
+    polynomial on the task's calibration samples (guided: two branches per step)."""
     from tasks._kit.diffusion import sample
 
     ctx = context()
@@ -238,7 +239,8 @@ def test_samplers_and_caches_on_the_dit(env):
     assert not torch.allclose(fora, ref, atol=1e-4)
     for name, kw in [("dpm-solver", {"num_inference_steps": 3}), ("unipc", {"num_inference_steps": 3}),
                      ("toca", {}), ("taylorseer", {}), ("first-block-cache", {"threshold": 0.5}), ("pab", {}),
-                     ("fastercache", {}), ("diffusers-taylorseer", {})]:
+                     ("fastercache", {}), ("diffusers-taylorseer", {}),
+                     ("teacache", {"calibration_samples": 3, "degree": 1})]:  # calibrates via the task's sampler
         images, applied = run(name, **kw)
         assert images.shape == ref.shape and torch.isfinite(images).all(), name
         stats = applied.stats()
