@@ -27,6 +27,8 @@ SHORT = {"max_new_tokens": "12", "batch_size": "2"}  # on-policy sampling from a
 # the task's path (train split, draft student, control, evaluation) in the default suite; the other LM methods'
 # own mechanics have fast tests on a stand-in task, and their gsm8k runs are slow
 FAST = {("gsm8k", "kd-lm")}
+# the controls each method's record carries (the LM kit's plain fine-tuning of the student, unless listed)
+CONTROLS = {"minitron": ["pruned_without_teacher", "student_same_tokens"]}
 PARAMS = [pytest.param(t, m, marks=() if t != "gsm8k" or (t, m) in FAST else pytest.mark.slow) for t, m in CASES]
 
 
@@ -38,7 +40,7 @@ def full_env(tmp_path_factory):
 
 def test_every_distillation_method_runs_on_a_full_task():
     assert {m for _, m in CASES} == set(DISTILLATION)
-    lm_methods = {"kd-lm", "seqkd", "minillm", "gkd", "distillm"}
+    lm_methods = {"kd-lm", "seqkd", "minillm", "gkd", "distillm", "minitron"}
     assert {m for t, m in CASES if t == "gsm8k"} == lm_methods
     assert {m for t, m in CASES if t.startswith("glue")} == {"distilbert", "tinybert"}
 
@@ -50,8 +52,8 @@ def test_distillation_method_runs_end_to_end_on_a_full_task(full_env, results_ro
                     results_root)
     assert r.status == "ok" and r.task.tier == "full" and r.method.family == "distillation"
     assert 0 < r.cost.steps <= 40 and r.cost.seconds > 0  # tinybert's two stages: 20 steps each
-    assert [c.name for c in r.controls] == ["student_without_teacher"]
-    assert r.controls[0].gain_interval is not None  # method minus control, paired over the same examples
+    assert [c.name for c in r.controls] == CONTROLS.get(method, ["student_without_teacher"])
+    assert all(c.gain_interval is not None for c in r.controls)  # method minus control, paired over the examples
     assert r.size.method.parameters < r.size.reference.parameters  # a smaller student
     if task == "gsm8k":
         assert r.cost.tokens_seen > 0
