@@ -1,4 +1,5 @@
-"""Shared machinery of the encoder distillation methods (`distilbert`, `tinybert`) on `arith-nli` and `glue-*`.
+"""Shared machinery of the encoder distillation methods (`distilbert`, `tinybert`, `minilm`) on `arith-nli` and
+`glue-*`.
 
 Data and loop. The task's training split (`bench.api.TrainingSplit`) is one `tasks._kit.classification.Split` of
 packed integer batches `x = [N, k, L]` (one row per model input), trained by the shared
@@ -8,10 +9,11 @@ read by `Packed`, a module with the same interface around a Hugging Face classif
 `student_recipe` (`bench.api.Student`; glue's is BERT's GLUE fine-tuning).
 
 Internals. `Recorder` hooks a BERT (`model.base_model.embeddings`, `.encoder.layer`) and keeps, for the last
-forward pass, the embedding output, each layer's output and each layer's unnormalised attention scores
-Q K^T / sqrt(d_head) (from hooks on the query and key projections: transformers returns only the softmax
-probabilities, and TinyBERT fits the scores). Losses are averaged over real tokens (and real token pairs for
-attention), never padding.
+forward pass, the embedding output, each layer's output and each layer's query, key and value projections
+(`[B, L, H d_head]`, heads concatenated), from which `scores` gives the unnormalised attention scores
+Q K^T / sqrt(d_head) (transformers returns only the softmax probabilities; TinyBERT fits the scores) and
+`relation_scores` any self-relation of two projections split into a chosen number of heads (MiniLM's Q-K and
+V-V relations). Losses are averaged over real tokens (and real token pairs for attention), never padding.
 
 The control. The distilled student's architecture, from a fresh seeded init, trained by the same loop and
 recipe on the labels alone, cached (weights, its seconds, its evaluation) per task, data, architecture, recipe,
@@ -82,6 +84,13 @@ def frozen(model, ctx: "RunContext"):
     return model
 
 
+def teacher_and_student(subject, task: "Task", ctx: "RunContext") -> tuple:
+    """(teacher, student, data, recipe): the subject frozen, the task's own student (fresh, packed, on the
+    device), the training split and the student recipe."""
+    student = packed(require(task, Student).build_student(), task).to(ctx.device)
+    return frozen(packed(subject.model, task), ctx), student, training_data(task), recipe_of(task)
+
+
 def fresh_like(model, config, seed: int = 0):
     """A fresh, seeded init of `model`'s packed architecture with `config`."""
     import torch
@@ -102,23 +111,37 @@ def bert_parts(model):
     emb, enc = getattr(base, "embeddings", None), getattr(base, "encoder", None)
     if emb is None or not hasattr(enc, "layer"):
         raise ValueError(f"{type(hf).__name__} is not a BERT-style encoder (embeddings + encoder.layer): "
-                         f"distilbert and tinybert support BERT models (arith-nli, glue-sst2, glue-mnli)")
+                         f"distilbert, tinybert and minilm support BERT models (arith-nli, glue-sst2, glue-mnli)")
     return emb, enc.layer
 
 
+def split_heads(t: "torch.Tensor", heads: int) -> "torch.Tensor":
+    """[B, L, D] -> [B, heads, L, D / heads]: consecutive slices of the last dimension, as BERT splits its heads."""
+    return t.view(*t.shape[:2], heads, -1).transpose(1, 2)
+
+
+def relation_scores(a: "torch.Tensor", b: "torch.Tensor", heads: int) -> "torch.Tensor":
+    """[B, heads, L, L]: a_r b_r^T / sqrt(d_r) for each of `heads` equal slices (width d_r) of a and b [B, L, D]."""
+    a, b = split_heads(a, heads), split_heads(b, heads)
+    return a @ b.transpose(-1, -2) * a.shape[-1] ** -0.5
+
+
 class Recorder:
-    """Forward hooks on a BERT that keep the last pass's embedding output, layer outputs and Q/K projections."""
+    """Forward hooks on a BERT that keep the last pass's embedding output, layer outputs and Q/K/V projections."""
+
+    PROJECTIONS = ("query", "key", "value")
 
     def __init__(self, model):
         emb, layers = bert_parts(model)
         self.hidden: list = [None] * (len(layers) + 1)  # [embeddings, layer 1, ..., layer N]
-        self.qk: list = [[None, None] for _ in layers]
-        self.heads = [layer.attention.self.attention_head_size for layer in layers]
+        self.qkv: list = [[None] * len(self.PROJECTIONS) for _ in layers]
+        self.heads = [layer.attention.self.num_attention_heads for layer in layers]
         self.handles = [emb.register_forward_hook(self._keep(self.hidden, 0))]
         for i, layer in enumerate(layers):
             self.handles.append(layer.register_forward_hook(self._keep(self.hidden, i + 1)))
-            self.handles.append(layer.attention.self.query.register_forward_hook(self._keep(self.qk[i], 0)))
-            self.handles.append(layer.attention.self.key.register_forward_hook(self._keep(self.qk[i], 1)))
+            for j, name in enumerate(self.PROJECTIONS):
+                projection = getattr(layer.attention.self, name)
+                self.handles.append(projection.register_forward_hook(self._keep(self.qkv[i], j)))
 
     @staticmethod
     def _keep(store, i):
@@ -126,13 +149,14 @@ class Recorder:
             store[i] = output[0] if isinstance(output, tuple) else output
         return hook
 
+    def projections(self, layer: int) -> tuple:
+        """(Q, K, V) [B, L, H d_head] of layer `layer` (1-based) in the last pass, heads concatenated."""
+        return tuple(self.qkv[layer - 1])
+
     def scores(self, layer: int) -> "torch.Tensor":
         """Unnormalised attention scores [B, H, L, L] of layer `layer` (1-based) in the last pass."""
-        q, k = self.qk[layer - 1]
-        d = self.heads[layer - 1]
-        q = q.view(*q.shape[:2], -1, d).transpose(1, 2)
-        k = k.view(*k.shape[:2], -1, d).transpose(1, 2)
-        return q @ k.transpose(-1, -2) * d ** -0.5
+        q, k, _ = self.projections(layer)
+        return relation_scores(q, k, self.heads[layer - 1])
 
     def remove(self) -> None:
         for h in self.handles:
