@@ -90,7 +90,8 @@ def run(
     profile: Annotated[str, typer.Option(help="hardware profile (`bench list profiles`)")] = "cpu",
     seed: Annotated[int, typer.Option(help="seed of the method's training and data order")] = 0,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="hyper-parameter override key=value; repeat")] = None,
-    strict: Annotated[bool, typer.Option(help="fail when the machine does not match the profile")] = False,
+    allow_mismatch: Annotated[bool, typer.Option(help="run even when the machine does not match the profile "
+                                                       "(refused by default; the record keeps the mismatch)")] = False,
     results_dir: Annotated[Path, typer.Option(help="root of the results tree")] = Path("results"),
     budget: Annotated[str, typer.Option(help="'full', or 'smoke' for a tiny-budget check run")] = "full",
     processes: Annotated[int, typer.Option(min=1, help="time in this many fresh worker processes and pool their "
@@ -128,7 +129,7 @@ def run(
     except RegistryError:
         pass  # the run below says so, with near matches
     try:
-        outcome = do_run(task, method, profile, seed, overrides, strict, results_dir, RichReporter(err),
+        outcome = do_run(task, method, profile, seed, overrides, allow_mismatch, results_dir, RichReporter(err),
                          budget=budget, argv=sys.argv, processes=processes)
     except (RegistryError, ConfigError, ProfileMismatch) as e:  # a PreflightError is a ConfigError
         _fail(str(e))

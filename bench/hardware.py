@@ -14,7 +14,7 @@ from bench.result import Machine
 
 
 class ProfileMismatch(RuntimeError):
-    """Raised under `--strict` when the machine is not the profile's."""
+    """The machine is not the profile's, and `--allow-mismatch` was not given: refused before any work."""
 
 
 def _cpu_model() -> str:
@@ -82,6 +82,24 @@ def match_profile(profile: Profile, machine: Machine) -> list[str]:
             problems.append(f"profile {profile.name!r} expects at least {exp.min_gpu_memory_gb} GB of GPU "
                             f"memory; found {machine.gpu_memory_gb}")
     return problems
+
+
+def matching_profiles(machine: Machine) -> list[str]:
+    """The profiles this machine matches (no mismatch at all)."""
+    from bench.profiles import load_profile, profile_names
+
+    return [n for n in profile_names() if not match_profile(load_profile(n), machine)]
+
+
+def mismatch_message(profile: Profile, machine: Machine, mismatches: list[str]) -> str:
+    """The refusal of a mismatched run: every difference, the profiles that do match, and the way past."""
+    fits = matching_profiles(machine)
+    where = (f"profiles that match this machine: {', '.join(fits)}" if fits else
+             "no profile matches this machine")
+    return (f"this machine does not match profile {profile.name!r}: {'; '.join(mismatches)}. A record made here "
+            f"would carry another machine's numbers under that name, and full evaluations sized for its GPU can "
+            f"take days on a smaller one. Use a matching profile ({where}), or --allow-mismatch to run anyway (the "
+            f"record keeps the mismatch, and the leaderboard shows it)")
 
 
 def busy_warning(machine: Machine) -> str | None:

@@ -157,8 +157,8 @@ def seed_problem(seed: int) -> str | None:
 
 
 def profile_problems(profile, machine) -> list[str]:
-    """What makes the profile impossible here, whether or not --strict was given (a mismatch that only makes
-    the numbers another machine's, such as the GPU's name, stays a recorded warning)."""
+    """What makes the profile impossible here, even with --allow-mismatch (a mismatch that only makes the
+    numbers another machine's, such as the GPU's name, is refused by the runner unless allowed)."""
     if profile.device == "cuda" and not machine.cuda_available:
         from bench.profiles import load_profile, profile_names
 

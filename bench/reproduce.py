@@ -352,6 +352,7 @@ def reproduce(path: Path, force: bool = False, quality_rule: str = "exact", by: 
     `ReproduceRefused`. `speed_tolerance` widens the re-run's speedup interval where it is larger than the
     profile's tolerance."""
     from bench.config import ConfigError
+    from bench.hardware import ProfileMismatch
     from bench.registry import RegistryError
     from bench.runner import RunFailed, run
 
@@ -369,8 +370,10 @@ def reproduce(path: Path, force: bool = False, quality_rule: str = "exact", by: 
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
         try:
             out = run(record.task.name, record.method.name, record.profile.name, record.seed,
-                      record.method.hyperparameters, False, Path(tmp), reporter, budget=budget)
+                      record.method.hyperparameters, force, Path(tmp), reporter, budget=budget)
             new = out.result
+        except ProfileMismatch as e:
+            raise ReproduceRefused(f"{e}\n(--force reproduces anyway and records the differences)") from None
         except (RegistryError, ConfigError) as e:
             raise ReproduceRefused(f"the record's configuration cannot run here: {e}") from None
         except RunFailed as e:

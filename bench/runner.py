@@ -1,10 +1,11 @@
 """One run, end to end: resolve, check the machine, load, evaluate, apply, measure side by side, write.
 
-Names, overrides and (under `--strict`) the profile are checked before any work, then the preflight
-(`bench.preflight`: the results folder and the cache writable, the seed in range, the profile possible on this
-machine, the task's data and models at hand); a mistake there writes nothing. Once work has started, any
-exception still produces a record with `status: failed`, the error and its traceback (paths in it relative to
-the repository or the Python installation, `bench.tracepaths`: a record is published, the contributor's folders
+Names and overrides are checked before any work, then the preflight (`bench.preflight`: the results folder
+and the cache writable, the seed in range, the profile possible on this machine, the task's data and models at
+hand), then whether the machine is the profile's (a mismatch is refused unless `allow_mismatch`, and the
+refusal names the profiles that match); a mistake there writes nothing. Once work has started, any exception
+still produces a record with `status: failed`, the error and its traceback (paths in it relative to the
+repository or the Python installation, `bench.tracepaths`: a record is published, the contributor's folders
 are not), so a sweep sees what broke; Ctrl-C writes nothing and says which step it stopped (`RunInterrupted`).
 Every file is written atomically.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from bench import __version__, cache, preflight, registry
 from bench.config import to_jsonable
-from bench.hardware import ProfileMismatch, busy_warning, detect_machine, match_profile
+from bench.hardware import ProfileMismatch, busy_warning, detect_machine, match_profile, mismatch_message
 from bench.profiles import load_profile
 from bench.progress import Reporter
 from bench.tracepaths import relative_paths
@@ -70,15 +71,15 @@ def reference_evaluation(task, subject, ctx: RunContext, ref_sha: str) -> Evalua
 
 
 def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int = 0,
-        overrides: dict[str, str] | None = None, strict: bool = False, results_root: Path = DEFAULT_RESULTS,
+        overrides: dict[str, str] | None = None, allow_mismatch: bool = False, results_root: Path = DEFAULT_RESULTS,
         reporter: Reporter | None = None, budget: str = "full", argv: list[str] | None = None,
         processes: int = 1) -> RunOutcome:
     """Run `method_name` on `task_name` and write its record (see the module docstring). Raises the resolving
     errors and `PreflightError` (nothing written), `RunFailed` (a failed record written) or `RunInterrupted`."""
     reporter = _Tracking(reporter or Reporter())
     try:
-        return _run(task_name, method_name, profile_name, seed, overrides, strict, Path(results_root), reporter,
-                    budget, argv, processes)
+        return _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, Path(results_root),
+                    reporter, budget, argv, processes)
     except RunInterrupted:
         raise
     except KeyboardInterrupt:
@@ -87,7 +88,7 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
         raise RunInterrupted(doing, task_name, method_name) from None
 
 
-def _run(task_name, method_name, profile_name, seed, overrides, strict, results_root, reporter, budget, argv,
+def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, results_root, reporter, budget, argv,
          processes) -> RunOutcome:
     # --- resolve: every mistake here is the user's, and writes nothing ------------------------------------
     tspec = registry.get_task_spec(task_name)
@@ -98,8 +99,6 @@ def _run(task_name, method_name, profile_name, seed, overrides, strict, results_
     hparams = to_jsonable(method.config)
     machine = detect_machine()
     mismatches = match_profile(profile, machine)
-    if mismatches and strict:
-        raise ProfileMismatch("; ".join(mismatches))
     ctx = RunContext(profile=profile, seed=seed, progress=reporter, device=profile.device, dtype=profile.dtype,
                      batch_size=profile.batch_for(tspec.modality), budget=budget)
     task = tspec.cls()
@@ -108,9 +107,10 @@ def _run(task_name, method_name, profile_name, seed, overrides, strict, results_
     # --- preflight: what would fail later for a reason found now; raises PreflightError, writes nothing ---
     preflight.check(seed=seed, profile=profile, machine=machine, task=task, ctx=ctx, uses=uses,
                     results_folder=results_root / profile.name / tspec.name / mspec.name)
+    if mismatches and not allow_mismatch:
+        raise ProfileMismatch(mismatch_message(profile, machine, mismatches))
     for m in mismatches:
-        warnings.warn(f"profile mismatch: {m} (the result records it; --strict makes this an error)",
-                      stacklevel=3)
+        warnings.warn(f"profile mismatch: {m} (--allow-mismatch; the result records it)", stacklevel=3)
     if busy := busy_warning(machine):
         warnings.warn(busy, stacklevel=3)
 

@@ -112,7 +112,7 @@ def main(args: list[str] | None = None) -> int:
 
     try:
         out = run(spec["task"], spec["method"], spec.get("profile", "cpu"), int(spec.get("seed", 0)),
-                  spec.get("overrides") or {}, bool(spec.get("strict", False)), results_dir,
+                  spec.get("overrides") or {}, bool(spec.get("allow_mismatch", False)), results_dir,
                   budget=spec.get("budget", "full"), argv=command_line(spec))
     except KeyboardInterrupt:
         print("interrupted: nothing written", file=sys.stderr)

@@ -62,14 +62,34 @@ def test_detect_machine_reports_this_machine():
     assert m.cpu_count >= 1 and m.torch and m.cpu_model
 
 
-def test_strict_mismatch_is_an_error_and_writes_nothing(results_root):
-    from bench.runner import run
+def test_a_mismatch_is_refused_by_default_naming_the_matching_profiles(results_root, monkeypatch):
+    import bench.runner
 
-    if detect_machine().cuda_available:
-        pytest.skip("this machine has a GPU; the mismatch below needs a CPU-only machine")
-    with pytest.raises(ProfileMismatch, match="CUDA"):
-        run("digits", "none", profile_name="h100-bf16", strict=True, results_root=results_root)
+    small = machine(cpu_count=1)  # the cpu profiles' 2 threads need 2 CPUs
+    monkeypatch.setattr(bench.runner, "detect_machine", lambda: small)
+    with pytest.raises(ProfileMismatch, match=r"does not match profile 'cpu': .*2 threads.*no profile matches "
+                                              r"this machine.*--allow-mismatch"):
+        bench.runner.run("digits", "none", profile_name="cpu", results_root=results_root, budget="smoke")
     assert not results_root.exists()
+
+
+def test_the_refusal_names_the_profile_that_matches(monkeypatch):
+    from bench.hardware import mismatch_message
+
+    h100 = machine(**H100)
+    msg = mismatch_message(load_profile("a100-bf16"), h100, match_profile(load_profile("a100-bf16"), h100))
+    assert "'a100-bf16'" in msg and "A100" in msg and "h100-bf16" in msg.split("match this machine:")[1]
+
+
+def test_allow_mismatch_runs_and_the_record_keeps_the_mismatch(results_root, monkeypatch):
+    import bench.runner
+
+    small = machine(cpu_count=1)
+    monkeypatch.setattr(bench.runner, "detect_machine", lambda: small)
+    with pytest.warns(UserWarning, match="profile mismatch"):
+        out = bench.runner.run("digits", "none", profile_name="cpu", allow_mismatch=True,
+                               results_root=results_root, budget="smoke")
+    assert out.result.profile.matched is False and any("threads" in m for m in out.result.profile.mismatches)
 
 
 def test_busy_machine_is_warned_about():
