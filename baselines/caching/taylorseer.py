@@ -43,15 +43,21 @@ class TaylorSeerConfig:
 
 
 class TaylorFactors:
-    """Delta^0..Delta^m of one feature, updated at full steps and expanded at the others."""
+    """Delta^0..Delta^m of one feature, updated at full steps and expanded at the others.
+
+    The factors are held in float32 whatever the model's dtype: a difference of two bf16 features keeps ~3
+    significant digits of what they share, and dividing by the gap and raising to k^i / i! amplifies that
+    rounding; the forecast is cast back to the feature's dtype."""
 
     def __init__(self, order: int):
         self.order = order
         self.factors: list = []
         self.step: int | None = None
+        self.dtype = None
 
     def update(self, feature, step: int) -> None:
-        new = [feature]
+        self.dtype = feature.dtype
+        new = [feature.float()]
         if self.step is not None:
             gap = step - self.step
             for j in range(min(self.order, len(self.factors))):
@@ -65,7 +71,7 @@ class TaylorFactors:
         for i in range(1, len(self.factors)):
             coeff = coeff * k / i  # k^i / i!
             out = out + self.factors[i] * coeff
-        return out
+        return out.to(self.dtype)
 
 
 def taylorseer_subject(subject, order: int, is_full: Callable[[int], bool]):

@@ -151,10 +151,10 @@ def teacache_subject(subject, threshold: float, rescale):
             h0 = model.pos_embed(x)
             if acc.compute(_modulated(model, h0, t, y), step, last_step if last_step > 0 else step):
                 h = dit_blocks(model, h0, t, y, lambda i, m, f, z: f(z))
-                cache["residual"] = h - h0
+                cache["residual"] = h.float() - h0.float()  # float32: a bf16 difference would lose what h, h0 share
                 tracker.count("nfe_full")
             else:
-                h = h0 + cache["residual"]
+                h = (h0.float() + cache["residual"]).to(h0.dtype)
                 tracker.count("nfe_partial")
             return dit_head(model, h, t, y)
 

@@ -41,6 +41,24 @@ def test_the_expansion():
         assert (f.predict(8).item() == pytest.approx(6.0)) is exact
 
 
+def test_bf16_features_are_differenced_in_float32():
+    """Two bf16 features that differ in their last bits: their difference in bf16 is rounded to bf16's 8-bit
+    mantissa; the factors are float32, so the difference is that of the upcast values exactly, and the
+    forecast comes back in the feature's dtype."""
+    from baselines.caching.taylorseer import TaylorFactors
+
+    a = torch.tensor([100.0, 3.0], dtype=torch.bfloat16)
+    b = torch.tensor([100.5, 3.0078125], dtype=torch.bfloat16)  # both exactly representable in bf16
+    f = TaylorFactors(1)
+    f.update(a, 0)
+    f.update(b, 3)
+    assert f.factors[1].dtype == torch.float32
+    assert torch.equal(f.factors[1], (b.float() - a.float()) / 3)
+    out = f.predict(4)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, (b.float() + (b.float() - a.float()) / 3).to(torch.bfloat16))
+
+
 def test_agrees_with_diffusers_taylorseer(dit_subject, inputs, helpers):
     """Same modules (every block's attn1 and ff), same schedule, float32 factors: the same samples."""
     from baselines.caching.diffusers_taylorseer import diffusers_full_step

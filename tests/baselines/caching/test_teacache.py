@@ -64,28 +64,35 @@ def test_a_negative_rescaled_change_does_not_lower_the_accumulator():
     assert acc.acc == 0.0
 
 
-def test_a_reused_step_adds_the_cached_residual_to_the_new_embedding(dit_subject, inputs, helpers):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_reused_step_adds_the_cached_residual_to_the_new_embedding(inputs, helpers, dtype):
+    """h_L(t) = h_0(t) + (h_L - h_0)(t_full), the residual held in float32 (a bf16 difference of two nearby
+    states would keep few of its bits), the sum cast back to the model's dtype."""
     from baselines.caching._dit import dit_blocks, dit_head
 
+    base = helpers.make_subject("dit")
+    m = base.model.to(dtype)
     seen = []
-    inner = dit_subject.extra["denoise"]
+    inner = base.extra["denoise"]
 
     def recording(model, x, t, labels, i):
         seen.append((x.clone(), t, labels))
         return inner(model, x, t, labels, i)
 
-    subject = dataclasses.replace(dit_subject, extra=dict(dit_subject.extra, denoise=recording))
+    subject = dataclasses.replace(base, model=m, extra=dict(base.extra, denoise=recording))
     applied = helpers.apply("teacache", subject, threshold=1e9, rescale="none")
-    out = helpers.sample(applied.subject, inputs[0])
-    m = dit_subject.model
+    noise, labels = inputs[0]
+    out = helpers.sample(applied.subject, (noise.to(dtype), labels))
     with torch.inference_mode():
         x0, t0, y = seen[0]
         t0 = t0.expand(x0.shape[0])
         h0 = m.pos_embed(x0)
-        residual = dit_blocks(m, h0, t0, y, lambda i, mod, f, z: f(z)) - h0
+        residual = dit_blocks(m, h0, t0, y, lambda i, mod, f, z: f(z)).float() - h0.float()
         x1, t1, _ = seen[1]
         t1 = t1.expand(x1.shape[0])
-        expected = dit_head(m, m.pos_embed(x1) + residual, t1, y)
+        h1 = m.pos_embed(x1)
+        expected = dit_head(m, (h1.float() + residual).to(dtype), t1, y)
+    assert out.dtype == dtype
     torch.testing.assert_close(out[1], expected, rtol=1e-5, atol=1e-5)
 
 
