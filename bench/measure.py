@@ -6,7 +6,15 @@ we count what CUDA's counter counts: the bytes of tensor storage alive at the wo
 call, parameters and buffers included. A `TorchDispatchMode` sees every tensor an operator returns; each
 storage is counted once (views share it) and uncounted when its last tensor dies. Temporaries a single
 C++ kernel allocates and frees internally are not seen, which also holds for any per-operator counter.
-On CUDA we use `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
+
+Each arm is charged for its own state only, never for what the other arm keeps resident: its persistent bytes
+are the storages reachable from its subject (`arm_state`: the model, and every module or tensor its `extra`
+holds, through closures and the method's own objects: a draft, a copied denoiser, a cache), each counted once,
+plus what one call allocates on top. On CUDA the allocator's counter sees everything on the device, so the
+call's part is `max_memory_allocated` after `reset_peak_memory_stats` minus `memory_allocated` just before
+the call, and the arm's state is added from the walk. Before either measure the arm's leftover caches are
+dropped (its `on_batch_start`), so a cache kept from the last timed call is neither charged to the next arm
+nor subtracted from this one's rebuild.
 """
 
 from __future__ import annotations
@@ -19,8 +27,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 CPU_MEMORY_MEASURE = "peak bytes of live tensor storage during one workload call (dispatch-mode count), " \
-                     "parameters and buffers included"
-CUDA_MEMORY_MEASURE = "torch.cuda.max_memory_allocated during one workload call"
+                     "the arm's own weights and persistent tensors (its subject's model, draft, copies, caches) " \
+                     "included, the other arm's excluded"
+CUDA_MEMORY_MEASURE = "the arm's own weights and persistent tensors (its subject's model, draft, copies, caches), " \
+                      "plus torch.cuda.max_memory_allocated during one workload call minus memory_allocated just " \
+                      "before it (the other arm's state excluded; leftover caches dropped first)"
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -96,24 +107,82 @@ class _LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def _model_storages(model: torch.nn.Module) -> tuple[int, set[int]]:
-    known: dict[int, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
+_WALK_DEPTH = 8  # closures inside method objects inside dicts: deep enough for every subject in baselines/
+
+
+def arm_state(subject) -> dict[int, int]:
+    """{storage pointer: bytes} of every tensor an arm keeps resident: its model's parameters and buffers, and
+    the modules and tensors reachable from its `extra` through containers, function closures, bound methods
+    and the objects of this project's own modules (bench, baselines, tasks). Library objects other than
+    modules and tensors are not entered (a tokenizer holds no weights)."""
+    import types
+
+    model = subject if isinstance(subject, torch.nn.Module) else subject.model
+    extra = {} if isinstance(subject, torch.nn.Module) else subject.extra
+    found: dict[int, int] = {}
+    seen: set[int] = set()
+
+    def tensor(t: torch.Tensor) -> None:
         s = t.untyped_storage()
-        known[s.data_ptr()] = s.nbytes()
-    return sum(known.values()), set(known)
+        if s.data_ptr():
+            found[s.data_ptr()] = s.nbytes()
+
+    def walk(obj, depth: int) -> None:
+        if depth > _WALK_DEPTH or id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            tensor(obj)
+        elif isinstance(obj, torch.nn.Module):
+            for t in list(obj.parameters()) + list(obj.buffers()):
+                tensor(t)
+        elif isinstance(obj, dict):
+            for v in list(obj.values()):
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for v in list(obj):
+                walk(v, depth + 1)
+        elif isinstance(obj, types.MethodType):
+            walk(obj.__self__, depth + 1)
+            walk(obj.__func__, depth + 1)
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    walk(cell.cell_contents, depth + 1)
+                except ValueError:  # an empty cell
+                    pass
+        elif type(obj).__module__.split(".")[0] in ("bench", "baselines", "tasks") and hasattr(obj, "__dict__"):
+            walk(vars(obj), depth + 1)
+
+    walk(model, 0)
+    walk(extra, 0)
+    return found
 
 
-def peak_memory(model: torch.nn.Module, fn: Callable[[], object], device: str) -> tuple[int, str]:
-    """(peak bytes of one call of `fn`, description of the measure) on `device`."""
+def _drop_leftover_caches(subject) -> None:
+    start = None if isinstance(subject, torch.nn.Module) else subject.extra.get("on_batch_start")
+    if callable(start):
+        start()
+
+
+def peak_memory(subject, fn: Callable[[], object], device: str) -> tuple[int, str]:
+    """(peak bytes of one call of `fn` for the arm `subject` (a `Subject`, or a bare model), how it was measured)
+    on `device`: the arm's own resident state plus what the call allocates on top (module docstring)."""
+    _drop_leftover_caches(subject)
+    state = arm_state(subject)
+    resident = sum(state.values())
     if device == "cuda":
+        import gc
+
+        gc.collect()
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn()
+        out = fn()
         torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated()), CUDA_MEMORY_MEASURE
-    baseline, known = _model_storages(model)
-    mode = _LiveTensorBytes(baseline, known)
+        del out
+        return int(resident + max(0, torch.cuda.max_memory_allocated() - before)), CUDA_MEMORY_MEASURE
+    mode = _LiveTensorBytes(resident, set(state))
     with torch.no_grad(), mode:
         out = fn()
     del out

@@ -266,8 +266,8 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
     ref_fn, items, unit = task.workload(reference, ctx)
     met_fn, _, _ = task.workload(subject, ctx)
     timing, rules = measure_speed(ref_fn, met_fn, ctx, ctx.progress, processes, spec)
-    ref_mem, measure = peak_memory(reference.model, ref_fn, ctx.device)
-    met_mem, _ = peak_memory(subject.model, met_fn, ctx.device)
+    ref_mem, measure = peak_memory(reference, ref_fn, ctx.device)  # each arm's own state only
+    met_mem, _ = peak_memory(subject, met_fn, ctx.device)
 
     def size_of(model) -> SizeOf:
         total, nonzero = count_parameters(model)
