@@ -28,7 +28,7 @@ SHORT = {"max_new_tokens": "12", "batch_size": "2"}  # on-policy sampling from a
 # own mechanics have fast tests on a stand-in task, and their gsm8k runs are slow
 FAST = {("gsm8k", "kd-lm")}
 # the controls each method's record carries (the LM kit's plain fine-tuning of the student, unless listed)
-CONTROLS = {"minitron": ["pruned_without_teacher", "student_same_tokens"]}
+CONTROLS = {"minitron": ["pruned_without_teacher", "student_same_tokens"], "ei-bert": ["plain_kd_same_student"]}
 PARAMS = [pytest.param(t, m, marks=() if t != "gsm8k" or (t, m) in FAST else pytest.mark.slow) for t, m in CASES]
 
 
@@ -42,7 +42,7 @@ def test_every_distillation_method_runs_on_a_full_task():
     assert {m for _, m in CASES} == set(DISTILLATION)
     lm_methods = {"kd-lm", "seqkd", "minillm", "gkd", "distillm", "minitron"}
     assert {m for t, m in CASES if t == "gsm8k"} == lm_methods
-    assert {m for t, m in CASES if t.startswith("glue")} == {"distilbert", "tinybert", "minilm"}
+    assert {m for t, m in CASES if t.startswith("glue")} == {"distilbert", "tinybert", "minilm", "ei-bert"}
 
 
 @pytest.mark.parametrize("task,method", PARAMS)
