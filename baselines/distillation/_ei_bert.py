@@ -213,7 +213,8 @@ class Int8Linear(nn.Module):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=DEPRECATED)
                 w = torch._make_per_tensor_quantized_tensor(self.weight_int8.detach().cpu(), float(self.step), 0)
-            self._packed = torch.ops.quantized.linear_prepack(w, None if self.bias is None else self.bias.detach())
+            bias = None if self.bias is None else self.bias.detach().float()
+            self._packed = torch.ops.quantized.linear_prepack(w, bias)
         return self._packed
 
     def dequantized(self) -> torch.Tensor:
@@ -221,7 +222,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._pack(), self.reduce)
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._pack(), self.reduce).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):
@@ -233,7 +234,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("step", step.detach().float().reshape(()).clone())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_int8[ids].float() * self.step
+        return self.weight_int8[ids].to(self.step.dtype) * self.step
 
 
 def _swap(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> int:

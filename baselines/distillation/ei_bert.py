@@ -158,6 +158,7 @@ class EIBert(Method):
 
     def apply(self, subject, task, ctx) -> Applied:
         import copy
+        import time
 
         import torch
 
@@ -167,6 +168,9 @@ class EIBert(Method):
         from bench.measure import serialized_bytes
 
         cfg = self.config
+        if ctx.device != "cpu":
+            raise ValueError(f"ei-bert's int8 runtime is torch.ao's quantized CPU kernels (quantized::linear_dynamic); "
+                             f"run it under a CPU profile, not on {ctx.device!r}")
         tok = require(task, Tokenizer).tokenizer
         data, recipe = enc.training_data(task), enc.recipe_of(task)
         ids_row = require(task, EncoderData).model_keys().index("input_ids")
@@ -174,9 +178,11 @@ class EIBert(Method):
         vocab = teacher0.hf.get_input_embeddings().num_embeddings
 
         # ---- stage 1: importance, kept tokens, the rebuilt mapping
+        t1 = time.perf_counter()
         with ctx.progress.step("EI-BERT stage 1: token importance from the teacher's attention"):
             rows = torch.tensor(pick(len(data.y), cfg.importance_rows, ctx.seed))
             importance = ei.token_importance(teacher0, data.x[rows].to(ctx.device), vocab)
+        s1_seconds = time.perf_counter() - t1
         ids = data.x[:, ids_row]
         counts = torch.bincount(ids.flatten(), minlength=vocab)
         special = [i for i in tok.all_special_ids if i is not None and 0 <= i < vocab]
@@ -216,7 +222,7 @@ class EIBert(Method):
         teacher = copy.deepcopy(teacher0)
         for p in teacher.parameters():
             p.requires_grad_(True)
-        proj = integrate_head(vp.hf, teacher.hf)
+        integrate_head(vp.hf, teacher.hf)  # W is `proj_now()`: the LSQ stage swaps the module
         vp.to(ctx.device)
         rec_s, rec_t = enc.Recorder(vp.hf), enc.Recorder(teacher.hf)
         last: dict[str, float] = {}
@@ -290,8 +296,9 @@ class EIBert(Method):
             return {**out, "int8_kernel_calls": float(calls),
                     "runtime_int8": float(calls > 0 and n_lin > 0 and float_lin == 0)}
 
-        cost = Cost(s2.seconds + s3.seconds, s2.steps + s3.steps, s2.samples_seen + s3.samples_seen,
+        cost = Cost(s1_seconds + s2.seconds + s3.seconds, s2.steps + s3.steps, s2.samples_seen + s3.samples_seen,
                     f"{s2.steps} Adam steps of cross-distillation (student at lr {recipe.lr:g}, the teacher co-trained "
                     f"at {recipe.lr * cfg.teacher_lr_ratio:g}), then {s3.steps} of LSQ int8 fine-tuning; vocabulary "
-                    f"{vocab} -> {kept.numel()} tokens by the teacher's attention on {len(rows)} training rows")
+                    f"{vocab} -> {kept.numel()} tokens by the teacher's attention on {len(rows)} training rows "
+                    f"({s1_seconds:.1f} s, included)")
         return Applied(task.prepare(vp, ctx), cost, [control], stats=stats)
