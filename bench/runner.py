@@ -70,6 +70,49 @@ def reference_evaluation(task, subject, ctx: RunContext, ref_sha: str) -> Evalua
     return Evaluation.from_json(payload)
 
 
+def code_digest(*classes: type) -> str:
+    """A hash of the source a run's numbers come from: each class's module, the private helpers beside it
+    (`_*.py` in its package), and the task kit, so an edit to any of them invalidates a cached evaluation."""
+    import hashlib
+    import inspect
+
+    files: set[Path] = set()
+    for cls in classes:
+        try:
+            src = Path(inspect.getsourcefile(cls) or "")
+        except TypeError:  # a class without a source file
+            continue
+        if src.is_file():
+            files.add(src)
+            files.update(src.parent.glob("_*.py"))
+            if src.parent.name == "tasks":
+                files.update((src.parent / "_kit").glob("*.py"))
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def method_evaluation(task, method, applied, ctx: RunContext, key: str) -> tuple[Evaluation, dict[str, float]]:
+    """The method's quality and its statistics as they stood right after the evaluation, cached under `key`
+    (the run's configuration, reference, data and code): a failure in a later step (timing, MACs, sizes)
+    resumes from here instead of evaluating again, which on a GPU task can take hours."""
+    path = cache.cache_dir() / "evals" / task.spec.name / "methods" / f"{key}.json"
+
+    def build() -> dict:
+        with ctx.progress.step(f"Evaluating {method.spec.name} (cached afterwards)"):
+            ev = task.evaluate(applied.subject, ctx)
+        stats = {k: float(v) for k, v in (applied.stats() if applied.stats else {}).items()}
+        return {"evaluation": ev.to_json(), "stats": stats}
+
+    payload, built = cache.cached_json(path, build)
+    if not built:
+        ctx.progress.log(f"{method.spec.name}: evaluation resumed from the cache ({path}), made by an earlier run "
+                         f"of this configuration, reference, data and code (one that failed later, or finished); "
+                         f"delete that file to evaluate again")
+    return Evaluation.from_json(payload["evaluation"]), payload["stats"]
+
+
 def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int = 0,
         overrides: dict[str, str] | None = None, allow_mismatch: bool = False, results_root: Path = DEFAULT_RESULTS,
         reporter: Reporter | None = None, budget: str = "full", argv: list[str] | None = None,
@@ -232,9 +275,10 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
     ref_eval = reference_evaluation(task, reference, ctx, ref_w.sha256)
     applied = method.apply(reference, task, ctx)
     subject = applied.subject
-    with ctx.progress.step(f"Evaluating {method.spec.name}"):
-        met_eval = task.evaluate(subject, ctx)
-    method_stats = {k: float(v) for k, v in (applied.stats() if applied.stats else {}).items()}
+    key = cache.key("method-eval", __version__, task.spec.name, task.spec.version, method.spec.name,
+                    method.spec.version, to_jsonable(method.config), ctx.profile.name, ctx.seed, ctx.budget,
+                    ref_w.sha256, task.data_fingerprint(), code_digest(type(task), type(method)))
+    met_eval, method_stats = method_evaluation(task, method, applied, ctx, key)
 
     spec = task.spec
     quality = Quality(

@@ -23,7 +23,12 @@ def test_every_method_runs_on_digits_and_validates(method, results_root):
 
 
 def test_quality_is_deterministic(results_root):
+    import shutil
+
+    from bench import cache
+
     a = run("digits", "kd", seed=3, budget="smoke", results_root=results_root).result
+    shutil.rmtree(cache.cache_dir() / "evals" / "digits" / "methods")  # evaluate again, not from the cache
     b = run("digits", "kd", seed=3, budget="smoke", results_root=results_root).result
     assert a.quality == b.quality and a.controls[0].value == b.controls[0].value
     assert a.size == b.size and a.compute == b.compute
@@ -61,6 +66,44 @@ def test_failed_run_writes_a_failed_record(results_root, monkeypatch):
     assert r.status == "failed" and r.error.type == "RuntimeError" and "calibration exploded" in r.error.message
     assert "Traceback" in r.error.traceback and r.quality is None
     assert r.task.data_fingerprint  # what was known before the failure is kept
+
+
+def test_a_failure_after_the_evaluation_resumes_from_it(results_root, monkeypatch):
+    """A run that fails while timing keeps the method's evaluation (and the statistics it left): the same
+    configuration run again evaluates nothing, says so, and records the same quality."""
+    import bench.speed
+    from bench.progress import Reporter
+    from tasks.digits import Digits
+
+    calls = []
+    evaluate = Digits.evaluate
+
+    def counting(self, subject, ctx):
+        calls.append(subject)
+        return evaluate(self, subject, ctx)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the timing crashed")
+
+    class Log(Reporter):
+        def __init__(self):
+            self.lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    monkeypatch.setattr(Digits, "evaluate", counting)
+    with monkeypatch.context() as m:
+        m.setattr(bench.speed, "measure_speed", broken)
+        with pytest.raises(RunFailed):
+            run("digits", "none", seed=11, budget="smoke", results_root=results_root)
+    assert len(calls) == 2  # the reference's evaluation, then the method's
+    log = Log()
+    r = run("digits", "none", seed=11, budget="smoke", results_root=results_root, reporter=log).result
+    assert len(calls) == 2 and r.status == "ok"  # both from the cache
+    assert any("evaluation resumed from the cache" in line for line in log.lines)
+    fresh = run("digits", "none", seed=12, budget="smoke", results_root=results_root).result  # another one
+    assert len(calls) == 4 and fresh.quality.n == r.quality.n
 
 
 def test_interrupted_run_leaves_no_file(results_root, monkeypatch):
@@ -113,3 +156,24 @@ def test_digits_task_split_is_fixed():
     task.load()
     assert task.train.x.shape == (1347, 1, 8, 8) and task.test.x.shape == (450, 1, 8, 8)
     assert json.dumps(task.data_fingerprint())
+
+
+def test_the_cached_evaluation_is_keyed_by_the_code_beside_the_method(tmp_path, monkeypatch):
+    """An edit to the method's module or to a private helper beside it changes the key (a stale evaluation
+    would otherwise come back after a fix)."""
+    import importlib.util
+
+    from bench.runner import code_digest
+
+    pkg = tmp_path / "fam"
+    pkg.mkdir()
+    (pkg / "m.py").write_text("class M:\n    pass\n")
+    (pkg / "_helper.py").write_text("X = 1\n")
+    spec = importlib.util.spec_from_file_location("fam_m", pkg / "m.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, "fam_m", mod)
+    spec.loader.exec_module(mod)
+    first = code_digest(mod.M)
+    assert code_digest(mod.M) == first
+    (pkg / "_helper.py").write_text("X = 2\n")
+    assert code_digest(mod.M) != first
