@@ -370,7 +370,8 @@ def reproduce(path: Path, force: bool = False, quality_rule: str = "exact", by: 
     with tempfile.TemporaryDirectory(prefix="bench-reproduce-") as tmp:
         try:
             out = run(record.task.name, record.method.name, record.profile.name, record.seed,
-                      record.method.hyperparameters, force, Path(tmp), reporter, budget=budget)
+                      record.method.hyperparameters, force, Path(tmp), reporter, budget=budget,
+                      resume=False)  # evaluate anew: a cached evaluation would repeat the record's own answer
             new = out.result
         except ProfileMismatch as e:
             raise ReproduceRefused(f"{e}\n(--force reproduces anyway and records the differences)") from None

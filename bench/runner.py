@@ -93,11 +93,15 @@ def code_digest(*classes: type) -> str:
     return h.hexdigest()[:16]
 
 
-def method_evaluation(task, method, applied, ctx: RunContext, key: str) -> tuple[Evaluation, dict[str, float]]:
+def method_evaluation(task, method, applied, ctx: RunContext, key: str, resume: bool = True
+                      ) -> tuple[Evaluation, dict[str, float]]:
     """The method's quality and its statistics as they stood right after the evaluation, cached under `key`
     (the run's configuration, reference, data and code): a failure in a later step (timing, MACs, sizes)
-    resumes from here instead of evaluating again, which on a GPU task can take hours."""
+    resumes from here instead of evaluating again, which on a GPU task can take hours. `resume=False`
+    evaluates anew and replaces the entry (a reproduction must not read its own earlier answer)."""
     path = cache.cache_dir() / "evals" / task.spec.name / "methods" / f"{key}.json"
+    if not resume:
+        path.unlink(missing_ok=True)
 
     def build() -> dict:
         with ctx.progress.step(f"Evaluating {method.spec.name} (cached afterwards)"):
@@ -116,13 +120,13 @@ def method_evaluation(task, method, applied, ctx: RunContext, key: str) -> tuple
 def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int = 0,
         overrides: dict[str, str] | None = None, allow_mismatch: bool = False, results_root: Path = DEFAULT_RESULTS,
         reporter: Reporter | None = None, budget: str = "full", argv: list[str] | None = None,
-        processes: int = 1) -> RunOutcome:
+        processes: int = 1, resume: bool = True) -> RunOutcome:
     """Run `method_name` on `task_name` and write its record (see the module docstring). Raises the resolving
     errors and `PreflightError` (nothing written), `RunFailed` (a failed record written) or `RunInterrupted`."""
     reporter = _Tracking(reporter or Reporter())
     try:
         return _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, Path(results_root),
-                    reporter, budget, argv, processes)
+                    reporter, budget, argv, processes, resume)
     except RunInterrupted:
         raise
     except KeyboardInterrupt:
@@ -132,7 +136,7 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
 
 
 def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, results_root, reporter, budget, argv,
-         processes) -> RunOutcome:
+         processes, resume=True) -> RunOutcome:
     # --- resolve: every mistake here is the user's, and writes nothing ------------------------------------
     tspec = registry.get_task_spec(task_name)
     mspec = registry.get_method_spec(method_name)
@@ -185,7 +189,7 @@ def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, 
         from bench.speed import RunSpec
 
         spec = RunSpec(tspec.name, mspec.name, hparams, profile.name, seed, budget)
-        body = _measure(task, method, ref_w, ctx, processes, spec)
+        body = _measure(task, method, ref_w, ctx, processes, spec, resume)
         result = Result(status="ok", task=task_info, **common, **body)
     except KeyboardInterrupt:
         raise
@@ -264,7 +268,7 @@ class RunFailed(RuntimeError):
         super().__init__(f"{result.error.type}: {result.error.message} (record: {path})")
 
 
-def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None) -> dict:
+def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None, resume: bool = True) -> dict:
     import numpy as np
 
     from bench.measure import count_macs, count_parameters, peak_memory, serialized_bytes
@@ -278,7 +282,7 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
     key = cache.key("method-eval", __version__, task.spec.name, task.spec.version, method.spec.name,
                     method.spec.version, to_jsonable(method.config), ctx.profile.name, ctx.seed, ctx.budget,
                     ref_w.sha256, task.data_fingerprint(), code_digest(type(task), type(method)))
-    met_eval, method_stats = method_evaluation(task, method, applied, ctx, key)
+    met_eval, method_stats = method_evaluation(task, method, applied, ctx, key, resume)
 
     spec = task.spec
     quality = Quality(

@@ -104,6 +104,8 @@ def test_a_failure_after_the_evaluation_resumes_from_it(results_root, monkeypatc
     assert any("evaluation resumed from the cache" in line for line in log.lines)
     fresh = run("digits", "none", seed=12, budget="smoke", results_root=results_root).result  # another one
     assert len(calls) == 4 and fresh.quality.n == r.quality.n
+    again = run("digits", "none", seed=11, budget="smoke", results_root=results_root, resume=False).result
+    assert len(calls) == 5 and again.quality == r.quality  # a reproduction evaluates anew (the same answer)
 
 
 def test_interrupted_run_leaves_no_file(results_root, monkeypatch):
