@@ -63,11 +63,16 @@ class RunContext:
     progress: "Reporter"
     device: str = "cpu"
     dtype: str = "float32"
-    batch_size: int = 64
+    batch_size: int = 64  # the timed workload's batch (the profile's [batch_size] for the task's modality)
     budget: Budget = Budget.FULL  # a plain "full"/"smoke" is converted
+    # the batch a task's evaluate() generates or classifies at (the profile's [eval_batch_size]); None = batch_size.
+    # Evaluation results must not depend on it (noise is drawn per example), only the wall time does
+    eval_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         self.budget = Budget(self.budget)
+        if self.eval_batch_size is None:
+            self.eval_batch_size = self.batch_size
 
     @property
     def torch_dtype(self) -> "torch.dtype":
@@ -80,6 +85,9 @@ class LMExtra(TypedDict, total=False):
     """A causal LM's procedure: its tokenizer, and a generation hook a decoding method may set."""
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     generate: Callable[..., "torch.Tensor"]  # (subject, input_ids, attention_mask, max_new_tokens, ...) -> ids
+    # the task's stopping rule (tasks._kit.lm.StopRule: lm-eval's stop strings, every end-of-sequence id), the same
+    # for both arms: generate_ids cuts a hook's output with it, and a method's own loop reads it to stop there
+    stop: Any
 
 
 class DiffusionExtra(TypedDict, total=False):

@@ -281,7 +281,7 @@ class ArithNLI(Task, TrainingSplit, Student, Augmentation, Tokenizer, EncoderDat
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
         from tasks._kit.classification import predict
 
-        pred = predict(subject.model, self.test.x.to(ctx.device), ctx.batch_size).argmax(dim=1).cpu()
+        pred = predict(subject.model, self.test.x.to(ctx.device), ctx.eval_batch_size).argmax(dim=1).cpu()
         correct = (pred == self.test.y).double().numpy()
         return Evaluation(float(correct.mean()), correct, pred.numpy())
 

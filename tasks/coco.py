@@ -232,7 +232,7 @@ class Coco(LatentDiffusionTask):
         self.clip_source = self._clip_source()
         self.data_digest = {"captions": h.hexdigest()}  # not the CLIP model: it scores only the logged CLIP score
         self.reference_stats = fid_stats.image_statistics(
-            paths, self.resolution, self.fid, ctx.device, ctx.batch_size,
+            paths, self.resolution, self.fid, ctx.device, ctx.eval_batch_size,
             self.stats_cache(h.hexdigest(), self.resolution, self.fid.identity()), ctx.progress,
             f"Features of the {self.n} real COCO images (cached afterwards)")
         self._loaded = True

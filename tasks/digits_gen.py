@@ -50,7 +50,7 @@ CLASSIFIER_SHA256 = "4897296cbd060d317d9d5260b910143856a9648b62ac71011b6ae0cd75d
 CLASSIFIER_ART = ARTIFACTS / "digits-gen" / "classifier.safetensors"
 EVAL_SIZE = 500  # generated images FID is computed on (50 per class)
 SMOKE_EVAL_SIZE = 40
-EVAL_BATCH = 100  # images per sampling call in evaluation (not timed)
+EVAL_BATCH = 100  # images per sampling call in calibration (evaluation: the profile's [eval_batch_size], 100 on cpu)
 WORKLOAD_SEED = 10_000  # the timed batch's noise: seed + WORKLOAD_SEED, disjoint from the evaluation's
 CALIBRATION_SEED = 20_000  # a method's calibration noise: seed + CALIBRATION_SEED, disjoint from both
 
@@ -164,7 +164,7 @@ class DigitsGenTask(Task, TrainingSplit, CalibrationSampling):
 
         n = ctx.budget.pick(EVAL_SIZE, SMOKE_EVAL_SIZE)
         noise, labels = eval_inputs(n, ctx.seed, ctx.device, ctx.torch_dtype)
-        return to_uint8(generate(subject, noise, labels, EVAL_BATCH)), labels.cpu()
+        return to_uint8(generate(subject, noise, labels, ctx.eval_batch_size)), labels.cpu()
 
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
         import torch

@@ -345,10 +345,10 @@ class GlueTask(Pretrained, Task, TrainingSplit, Student, Augmentation, Tokenizer
 
     # ---- measurement --------------------------------------------------------------------------------------
     def predict(self, subject: Subject, ctx: RunContext, n: int) -> "torch.Tensor":
-        """Predicted GLUE labels of the first `n` examples, in order, at the profile's batch size."""
+        """Predicted GLUE labels of the first `n` examples, in order, at the profile's evaluation batch size."""
         import torch
 
-        tok, bs, preds = subject.extra["tokenizer"], ctx.batch_size, []
+        tok, bs, preds = subject.extra["tokenizer"], ctx.eval_batch_size, []
         with torch.inference_mode():
             for i in range(0, n, bs):
                 enc = {k: v.to(ctx.device) for k, v in self.encode(tok, i, min(i + bs, n)).items()}

@@ -144,7 +144,7 @@ class ImagenetFid(LatentDiffusionTask):
                                             f"{root} (ImageNet validation images, .JPEG / .jpg / .png, any depth)")
             listing = fid_stats.listing_digest(root, paths)
             stats = fid_stats.image_statistics(
-                paths, self.resolution, self.fid, ctx.device, ctx.batch_size,
+                paths, self.resolution, self.fid, ctx.device, ctx.eval_batch_size,
                 self.stats_cache(listing, self.resolution, self.fid.identity()), ctx.progress,
                 f"Features of {len(paths)} ImageNet images (cached afterwards)")
             return stats, f"image folder: {len(paths)} images, listing sha256 {listing}"

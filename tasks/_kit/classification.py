@@ -180,7 +180,7 @@ class ImageClassificationTask(Task, TrainingSplit, Student, Augmentation):
 
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
         test = self.to_ctx(self.test, ctx)
-        logits = predict(subject.model, test.x, ctx.batch_size)
+        logits = predict(subject.model, test.x, ctx.eval_batch_size)
         pred = logits.argmax(dim=1)
         correct = (pred == test.y).double().cpu().numpy()
         return Evaluation(float(correct.mean()), correct, pred.cpu().numpy())

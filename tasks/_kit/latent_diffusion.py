@@ -368,8 +368,8 @@ class LatentDiffusionTask(Pretrained, Task, Pipeline, CalibrationSampling):
         extractor, feats, kept = fid_stats.create_extractor(self.fid, ctx.device), [], []
         self.begin_metrics(ctx)
         with ctx.progress.step(f"Generating {self.n} images ({self.spec.name})", total=self.n) as advance:
-            for start in range(0, self.n, ctx.batch_size):
-                idx = list(range(start, min(start + ctx.batch_size, self.n)))
+            for start in range(0, self.n, ctx.eval_batch_size):  # the profile's evaluation batch
+                idx = list(range(start, min(start + ctx.eval_batch_size, self.n)))
                 labels = self.conditioning(subject, idx, ctx)()
                 images = to_uint8(sample(subject, self.noise(subject, idx, ctx.seed, ctx), labels))
                 feats.append(fid_stats.extract(extractor, images, self.fid.layer))
