@@ -18,7 +18,9 @@ reference would need tens of millions of parameters, hours of training on this m
 that trade more tokens per forward pass for extra work therefore gain less here than on a GPU.
 
 Quality: lm-eval's exact match (strict `#### <n>` filter) on a local task in GSM8K's style
-(`tasks._kit.lm_harness`), zero-shot, greedy, batch 1, on the `EVAL_SIZE` first test problems. Fidelity: the share
+(`tasks._kit.lm_harness`), zero-shot, greedy (the reference at the profile's evaluation batch, a method's own
+procedure at 1), on the `EVAL_SIZE` first test problems, both arms stopped by one rule (`tasks._kit.lm.StopRule`:
+lm-eval's stop strings and the end-of-text id). Fidelity: the share
 of those problems whose generated answer equals the reference's token for token. Workload: greedy answers to
 the first `WORKLOAD_SIZE` test questions at the profile's causal-LM batch size; items are generated tokens.
 """
@@ -195,8 +197,11 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPrompts):
         return self.prepare(model, ctx)
 
     def prepare(self, model, ctx: RunContext) -> Subject:
+        from tasks._kit import lm, lm_harness
+
         model = model.to(device=ctx.device, dtype=ctx.torch_dtype).eval()
-        return Subject(model, self.spec.modality, {"tokenizer": self.tokenizer})
+        rule = lm.StopRule.build(self.tokenizer, lm_harness.UNTIL, lm.checkpoint_eos_ids(model, self.tokenizer))
+        return Subject(model, self.spec.modality, {"tokenizer": self.tokenizer, "stop": rule})
 
     def build_artifacts(self, ctx: RunContext, publish: bool) -> tuple[str, Path]:
         """`bench reference build arith`: train the tokenizer, the reference and the draft again into the cache,
@@ -251,7 +256,7 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPrompts):
         from tasks._kit import lm_harness
 
         limit = ctx.budget.pick(EVAL_SIZE, SMOKE_EVAL_SIZE)
-        r = lm_harness.evaluate(subject, self.harness_folder(), "arith", limit=limit)
+        r = lm_harness.evaluate(subject, self.harness_folder(), "arith", limit=limit, batch_size=ctx.eval_batch_size)
         self.last_harness = r
         ctx.progress.log(f"lm-eval exact match ({lm_harness.FILTER}) {r.value:.4f} ± {r.stderr:.4f} "
                          f"(lm-eval's stderr), n = {len(r.per_example)}")
@@ -292,7 +297,8 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPrompts):
                 return [lm.generate_ids(subject, ids, lm_harness.MAX_GEN_TOKS, mask) for ids, mask in batches]
 
         outs = run()  # once, to count what it generates (and as a warm-up)
-        tokens = sum(len(lm.completion_tokens(out[r:r + 1], ids.shape[1], tok.eos_token_id))
+        rule = lm.stop_rule(subject)
+        tokens = sum(len(lm.completion_tokens(out[r:r + 1], ids.shape[1], tok.eos_token_id, rule))
                      for out, (ids, _) in zip(outs, batches) for r in range(out.shape[0]))
         return run, tokens, (f"seconds to generate greedy answers to {len(prompts)} test questions at batch {bs} "
                              f"({tokens} generated tokens; items are tokens)")

@@ -30,19 +30,23 @@ Decoding: greedy, as lm-eval's `do_sample: false` asks. The checkpoint's generat
 samples at temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05, which `generate` would apply even to
 greedy search) is replaced by a plain greedy one, so every decoding method can reproduce the reference's
 procedure exactly. Generation goes through `tasks._kit.lm.generate_ids` (the hook decoding methods set), both in
-lm-eval (`tasks._kit.lm_harness`, HFLM over the subject) and in the timed workload. A method's own procedure decodes
-to EOS or 256 tokens; lm-eval then cuts every response at its stop strings.
+lm-eval (`tasks._kit.lm_harness`, HFLM over the subject) and in the timed workload. One stopping rule holds for
+both arms (`tasks._kit.lm.StopRule`, the subject's `extra["stop"]`): lm-eval's `until` (`Question:`, `</s>`,
+`<|im_end|>`, and the tokenizer's decoded EOS that HFLM appends) tested as lm-eval's own criteria test them, and
+every end-of-sequence id of the checkpoint (Qwen2.5-Instruct's generation_config lists `<|im_end|>` and
+`<|endoftext|>`; the plain greedy config keeps both). A method's procedure is cut there (and a method that reads
+the rule, as speculative decoding does, stops there), so its responses end exactly where the reference's do.
 
 Evaluation size: all 1,319 test problems on a GPU profile; the first `CPU_EVAL_SIZE` on the CPU profile; the
 first `SMOKE_EVAL_SIZE` under `--budget smoke`. Fidelity: the share of problems whose response (lm-eval's,
-after the stop-string cut) is identical to the reference's. Workload: greedy generation (to EOS, or 256 tokens;
-16 under `--budget smoke`) for lm-eval's own 5-shot contexts of the first `WORKLOAD_SIZE` test problems, at the
-profile's causal-LM batch size (1 on every profile); items are generated tokens.
+after the stop-string cut) is identical to the reference's. Workload: greedy generation (until the stopping rule,
+or 256 tokens; 16 under `--budget smoke`) for lm-eval's own 5-shot contexts of the first `WORKLOAD_SIZE` test problems, at the
+profile's causal-LM batch size (1 on every profile); items are generated tokens. The reference's lm-eval
+evaluation batches at the profile's evaluation batch (`ctx.eval_batch_size`); a method's procedure runs at 1.
 
 Estimated cost on one H100 in bf16 (not measured: no GPU or download here): HF `generate` at batch 1 runs a
 1.5 B model at roughly 30-50 tokens/s, so a full evaluation (~1,319 x 150 tokens) takes about 1-2 hours per
-arm (the reference's is cached); a method's may take up to ~1.7x longer, as its procedure does not stop at
-`Question:`.
+arm (the reference's is cached; batched evaluation makes it shorter).
 """
 
 from __future__ import annotations
@@ -135,16 +139,20 @@ def build_lm_eval_task(cfg: dict):
     return TaskManager(include_defaults=False).load([cfg])["tasks"][LM_EVAL_TASK]
 
 
-def greedy(model, tok) -> None:
-    """Replace the checkpoint's generation settings by plain greedy decoding (see the module docstring)."""
+def greedy(model, tok, eos_ids=None) -> None:
+    """Replace the checkpoint's generation settings by plain greedy decoding (see the module docstring), keeping
+    every end-of-sequence id it declares (`eos_ids`, default `lm.checkpoint_eos_ids`)."""
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig(do_sample=False, eos_token_id=tok.eos_token_id,
+    from tasks._kit import lm
+
+    eos = list(lm.checkpoint_eos_ids(model, tok) if eos_ids is None else eos_ids)
+    model.generation_config = GenerationConfig(do_sample=False, eos_token_id=eos if len(eos) > 1 else eos[0],
                                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
 
 
 @register_task("gsm8k", modality="causal-lm", tier="full", metric="exact_match", higher_is_better=True,
-               version="1", summary="GSM8K via lm-eval's own gsm8k task (5-shot, strict match); "
+               version="2", summary="GSM8K via lm-eval's own gsm8k task (5-shot, strict match); "
                                     "Qwen2.5-1.5B-Instruct reference, Qwen2.5-0.5B-Instruct draft")
 class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPrompts):
     reference_sha256 = None  # no pinned artifact: the hash of the weights as loaded is recorded
@@ -260,10 +268,19 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPr
                              f" tokens, fewer than the tokenizer's {len(self.tokenizer)}")
         return self.prepare(model, ctx)
 
+    def stop_rule(self, model):
+        """Both arms' stopping rule: lm-eval's `until` of this task and every end-of-sequence id of `model`."""
+        from tasks._kit import lm
+
+        until = (self.config.get("generation_kwargs") or {}).get("until") or []
+        return lm.StopRule.build(self.tokenizer, [until] if isinstance(until, str) else until,
+                                 lm.checkpoint_eos_ids(model, self.tokenizer))
+
     def prepare(self, model, ctx: RunContext) -> Subject:
         model = model.to(device=ctx.device, dtype=ctx.torch_dtype).eval()
-        greedy(model, self.tokenizer)
-        return Subject(model, self.spec.modality, {"tokenizer": self.tokenizer})
+        rule = self.stop_rule(model)  # before greedy() replaces the checkpoint's generation_config
+        greedy(model, self.tokenizer, rule.eos_ids)
+        return Subject(model, self.spec.modality, {"tokenizer": self.tokenizer, "stop": rule})
 
     # ---- measurement --------------------------------------------------------------------------------------
     def eval_limit(self, ctx: RunContext) -> int | None:
@@ -276,7 +293,8 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPr
 
         from tasks._kit import lm_harness
 
-        r = lm_harness.evaluate(subject, None, LM_EVAL_TASK, limit=self.eval_limit(ctx), config=self.config)
+        r = lm_harness.evaluate(subject, None, LM_EVAL_TASK, limit=self.eval_limit(ctx), config=self.config,
+                                batch_size=ctx.eval_batch_size)
         self.last_harness = r
         flexible = r.raw.get("exact_match,flexible-extract", float("nan"))
         ctx.progress.log(f"lm-eval gsm8k exact match ({lm_harness.FILTER}) {r.value:.4f} ± {r.stderr:.4f} "
@@ -331,9 +349,11 @@ class GSM8K(Pretrained, Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPr
                 return [lm.generate_ids(subject, ids, most, mask) for ids, mask in batches]
 
         outs = run()  # once, to count what it generates (and as a warm-up)
-        tokens = sum(len(lm.completion_tokens(out[r:r + 1], ids.shape[1], tok.eos_token_id))
+        rule = lm.stop_rule(subject)
+        tokens = sum(len(lm.completion_tokens(out[r:r + 1], ids.shape[1], tok.eos_token_id, rule))
                      for out, (ids, _) in zip(outs, batches) for r in range(out.shape[0]))
-        return run, tokens, (f"seconds to generate greedy continuations (to EOS or {most} tokens) of "
+        return run, tokens, (f"seconds to generate greedy continuations (until lm-eval's stop strings or an "
+                             f"end-of-sequence id, at most {most} tokens) of "
                              f"lm-eval's 5-shot prompts for {len(prompts)} test problems at batch {bs} "
                              f"({tokens} generated tokens; items are tokens)")
 

@@ -285,25 +285,137 @@ def fit_lm(model: "PreTrainedModel", examples: list[Example], recipe: LMRecipe, 
 
 # ---- generation ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class StopRule:
+    """Where a generation ends, the same for every arm: after the first token that is one of `eos_ids`, or after
+    the first token with which one of `strings` appears in the decoded generation.
+
+    The stop strings are tested as lm-eval tests them for the reference (`lm_eval.models.utils_hf.
+    MultiTokenEOSCriteria`, which HFLM passes to `generate`): after each generated token, string s stops the
+    generation when it occurs in the decoding (special tokens kept) of the last len(encode(s)) + 2 generated
+    tokens. lm-eval then cuts the response text at each string (`postprocess_generated_text`), so a procedure
+    that stops where this rule says produces, token for token and after the cut character for character, the
+    reference's response. A task sets the rule as `subject.extra["stop"]` (`LMExtra`); `generate_ids` applies
+    it to the reference's `model.generate` (a stopping criterion and every end-of-sequence id) and cuts a
+    method's output with it; a method's own loop reads it (`stop_rule`) to stop there as well."""
+
+    strings: tuple[str, ...]  # lm-eval's `until`, with the tokenizer's decoded EOS appended as lm-eval does
+    eos_ids: tuple[int, ...]  # every end-of-sequence id of the checkpoint (generation_config, config, tokenizer)
+    tokenizer: object = None  # decodes the generated tokens for the stop strings
+    windows: tuple[int, ...] = ()  # per string: the generated tokens lm-eval's criterion decodes
+
+    @classmethod
+    def build(cls, tokenizer, until: Sequence[str], eos_ids: Iterable[int]) -> "StopRule":
+        """The rule for lm-eval's `until` (its `handle_stop_sequences`: the tokenizer's decoded EOS is appended
+        unless present) and the given end-of-sequence ids (the tokenizer's own is always among them)."""
+        strings = [s for s in until if s]
+        eos_text = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
+        if eos_text and eos_text not in strings:
+            strings.append(eos_text)
+        ids = sorted({int(i) for i in eos_ids} | {int(tokenizer.eos_token_id)})
+        windows = tuple(len(tokenizer.encode(s, add_special_tokens=False)) + 2 for s in strings)
+        return cls(tuple(strings), tuple(ids), tokenizer, windows)
+
+    def _hit(self, tokens: Sequence[int], end: int) -> bool:
+        """Does a stop string occur in lm-eval's window of the generated tokens[:end]?"""
+        if not self.strings:
+            return False
+        widest = self.tokenizer.decode(list(tokens[max(0, end - max(self.windows)):end]))
+        for s, w in zip(self.strings, self.windows):
+            if s in widest and s in self.tokenizer.decode(list(tokens[max(0, end - w):end])):
+                return True
+        return False
+
+    def stop_length(self, tokens: Sequence[int], checked: int = 0) -> int | None:
+        """How many of the generated `tokens` a generation keeps (the stopping token included), or None when
+        it would go on; the first `checked` tokens are known not to stop it (a loop passes what it tested)."""
+        for i in range(checked, len(tokens)):
+            if tokens[i] in self.eos_ids or self._hit(tokens, i + 1):
+                return i + 1
+        return None
+
+    def cut(self, tokens: Sequence[int]) -> list[int]:
+        n = self.stop_length(tokens)
+        return list(tokens if n is None else tokens[:n])
+
+    def criteria(self, prompt_len: int):
+        """A transformers stopping criterion for the stop strings, per row (the end-of-sequence ids go to
+        `generate` as `eos_token_id`), testing the tokens generated after `prompt_len` as lm-eval does."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        rule = self
+
+        class _StopStrings(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                gen = input_ids[:, prompt_len:][:, -max(rule.windows):].tolist()
+                return torch.tensor([rule._hit(row, len(row)) for row in gen], device=input_ids.device)
+
+        return StoppingCriteriaList([_StopStrings()] if self.strings else [])
+
+    def cut_output(self, output: "torch.Tensor", prompt_len: int, pad_id: int) -> "torch.Tensor":
+        """`output` (prompt and generation, a batch) with every row's tokens after its stop replaced by `pad_id`,
+        and the columns after the longest kept generation dropped (batch 1: the output ends at the stop)."""
+        rows = output[:, prompt_len:].tolist()
+        keep = [self.stop_length(r) for r in rows]
+        if all(k is None for k in keep):
+            return output
+        out = output.clone()
+        for r, k in enumerate(keep):
+            if k is not None:
+                out[r, prompt_len + k:] = pad_id
+        longest = max(len(row) if k is None else k for row, k in zip(rows, keep))
+        return out[:, :prompt_len + longest]
+
+
+def checkpoint_eos_ids(model, tokenizer) -> tuple[int, ...]:
+    """Every end-of-sequence id the checkpoint declares: its generation_config's (an int or a list: Qwen2.5-
+    Instruct's is [<|im_end|>, <|endoftext|>]), its config's, and the tokenizer's."""
+    ids = {int(tokenizer.eos_token_id)}
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids |= {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
+    return tuple(sorted(ids))
+
+
+def stop_rule(subject: Subject) -> StopRule | None:
+    """The task's stopping rule for this subject (None: stop at the tokenizer's EOS only, as before)."""
+    return subject.extra.get("stop")
+
+
 def generate_ids(subject: Subject, input_ids: "torch.Tensor", max_new_tokens: int,
                  attention_mask: "torch.Tensor | None" = None) -> "torch.Tensor":
     """Greedy continuation of `input_ids` (left-padded when `attention_mask` is given), prompt included,
-    stopping at EOS. `subject.extra["generate"](subject, input_ids, max_new_tokens, attention_mask)`, when a
-    method sets it, replaces `model.generate`."""
+    stopping at EOS, and where the subject carries a `StopRule` (`extra["stop"]`) at its stop strings and every
+    end-of-sequence id; rows that stopped early are padded. `subject.extra["generate"](subject, input_ids,
+    max_new_tokens, attention_mask)`, when a method sets it, replaces `model.generate`; its output is cut by the
+    rule, so a method's answers end exactly where the reference's do (a method stops there itself by reading
+    `stop_rule(subject)`; one that does not still returns the cut answer, but does the extra work)."""
+    rule = stop_rule(subject)
+    tok = subject.extra["tokenizer"]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     hook = subject.extra.get("generate")
     if hook is not None:
-        return hook(subject, input_ids, max_new_tokens, attention_mask)
-    tok = subject.extra["tokenizer"]
+        out = hook(subject, input_ids, max_new_tokens, attention_mask)
+        return out if rule is None else rule.cut_output(out, input_ids.shape[1], pad)
     if attention_mask is None:
         import torch
 
         attention_mask = torch.ones_like(input_ids)
-    return subject.model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
-                                  max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
+    if rule is None:
+        return subject.model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
+                                      max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+    out = subject.model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=list(rule.eos_ids), pad_token_id=pad,
+                                 stopping_criteria=rule.criteria(input_ids.shape[1]))
+    return rule.cut_output(out, input_ids.shape[1], pad)
 
 
-def completion_tokens(output: "torch.Tensor", prompt_len: int, eos_id: int) -> list[int]:
-    """The generated tokens of a batch-1 output, up to and including the first EOS."""
+def completion_tokens(output: "torch.Tensor", prompt_len: int, eos_id: int, rule: StopRule | None = None) -> list[int]:
+    """The generated tokens of a batch-1 output, up to and including the first EOS (or where `rule` stops)."""
     out = output[0, prompt_len:].tolist()
+    if rule is not None:
+        return rule.cut(out)
     return out[:out.index(eos_id) + 1] if eos_id in out else out

@@ -9,9 +9,13 @@ from the command line:
             --include_path <folder> --tasks arith --device cpu --batch_size 1
 
 `evaluate(subject, folder, name)` runs `lm_eval.simple_evaluate` on the subject's model as an in-memory
-`HFLM` at batch 1, with a subclass whose `_model_generate` goes through the subject's generation procedure
-(`tasks._kit.lm.generate_ids`, so decoding methods are evaluated by their own procedure) and records the
-generated token ids. The metric is the `strict-match` filter's exact match (the number after `#### `).
+`HFLM`, with a subclass whose `_model_generate` goes through the subject's generation procedure when a method
+has set one (`tasks._kit.lm.generate_ids`, so decoding methods are evaluated by their own procedure, one
+sequence at a time) and HFLM's own `generate` (lm-eval's stop-string criteria, at `batch_size`: the profile's
+evaluation batch) otherwise, and records the generated token ids. Both arms stop by one rule: the task's
+`StopRule` (`subject.extra["stop"]`: lm-eval's `until` and every end-of-sequence id) cuts the method's output
+where lm-eval's criteria stop the reference's, and the recorded ids of either end there. The metric is the
+`strict-match` filter's exact match (the number after `#### `).
 
 A prompt longer than the model's context is evaluated as lm-eval evaluates it: HFLM keeps only its last
 `max_length - max_gen_toks` tokens (`max_length` is the model's `max_position_embeddings`, `max_gen_toks` the
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 
 FILTER = "strict-match"  # lm-eval gsm8k's regex on `#### <n>`; "flexible-extract" takes the last number
 MAX_GEN_TOKS = 160  # the longest arith answer is about 110 tokens
+UNTIL = ("Question:", "</s>", "<|im_end|>")  # the stop strings of TASK_YAML (lm-eval gsm8k.yaml's `until`)
 
 TASK_YAML = """\
 # An lm-eval task in the style of lm-eval's gsm8k.yaml (same prompt, target, stop strings, metric and
@@ -156,17 +161,17 @@ def _rng_preserved() -> Iterator[None]:
 def _lm_class():
     from lm_eval.models.huggingface import HFLM
 
-    from tasks._kit.lm import generate_ids
+    from tasks._kit.lm import generate_ids, stop_rule
 
     class SubjectLM(HFLM):
         """HFLM over a bench `Subject`: generation goes through the subject's procedure and is recorded."""
 
-        def __init__(self, subject: Subject, **kwargs):
+        def __init__(self, subject: Subject, batch_size: int = 1, **kwargs):
             self.subject = subject
             self.generated: dict[tuple[int, ...], list[int]] = {}  # by the context ids the model was given
             self.encoded: dict[str, _Encoded] = {}  # by prompt text: those ids and the prompt's full length
             tok = subject.extra["tokenizer"]
-            super().__init__(pretrained=subject.model, tokenizer=tok, batch_size=1,
+            super().__init__(pretrained=subject.model, tokenizer=tok, batch_size=batch_size,
                              max_length=subject.model.config.max_position_embeddings, **kwargs)
 
         def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
@@ -184,22 +189,28 @@ def _lm_class():
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if self.subject.extra.get("generate") is None:
                 out = super()._model_generate(context, max_length, stop, **generation_kwargs)
-            else:  # a method's own decoding procedure: greedy until EOS; lm-eval cuts at `stop` afterwards
+            else:  # a method's own decoding procedure, stopped (or at least cut) by the task's StopRule
                 out = generate_ids(self.subject, context, max_length - context.shape[1])
-            eos = self.tokenizer.eos_token_id
+            eos, rule = self.tokenizer.eos_token_id, stop_rule(self.subject)
             for row in range(context.shape[0]):
                 ids = out[row, context.shape[1]:].tolist()
-                self.generated[tuple(context[row].tolist())] = ids[:ids.index(eos) + 1] if eos in ids else ids
+                if rule is not None:  # lm-eval's batch goes on until every row stopped: each row's own stop
+                    ids = rule.cut(ids)
+                elif eos in ids:
+                    ids = ids[:ids.index(eos) + 1]
+                self.generated[tuple(context[row].tolist())] = ids
             return out
 
     return SubjectLM
 
 
 def evaluate(subject: Subject, folder: Path | None, name: str, limit: int | None = None,
-             config: dict | None = None) -> HarnessResult:
+             config: dict | None = None, batch_size: int = 1) -> HarnessResult:
     """lm-eval's exact match of `subject` on the first `limit` documents (all when None) of the task `name` in
     `folder`; or, with `config`, of that inline lm-eval task config (`tasks.gsm8k` passes lm-eval's own
-    gsm8k.yaml, whose data may come from the hub, so nothing is forced offline then; `folder` is None)."""
+    gsm8k.yaml, whose data may come from the hub, so nothing is forced offline then; `folder` is None).
+    `batch_size` is HFLM's generation batch when the subject has no generation hook (the reference's
+    `model.generate`, left-padded); a method's own procedure decodes one sequence at a time."""
     import logging
 
     import numpy as np
@@ -212,7 +223,7 @@ def evaluate(subject: Subject, folder: Path | None, name: str, limit: int | None
 
     for log in ("lm-eval", "lm_eval", "datasets"):
         logging.getLogger(log).setLevel(logging.ERROR)
-    lm = _lm_class()(subject)
+    lm = _lm_class()(subject, batch_size=1 if subject.extra.get("generate") is not None else max(1, batch_size))
     manager = TaskManager(include_path=None if folder is None else str(folder), include_defaults=False)
     with _rng_preserved():
         out = lm_eval.simple_evaluate(model=lm, tasks=[name if config is None else config], task_manager=manager,
