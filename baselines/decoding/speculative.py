@@ -34,13 +34,13 @@ The caches are transformers' own (`DynamicCache`; its `crop(-n)` removes the las
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from baselines.base import Applied, Cost, Method
 from bench.config import check_range
 from bench.api import Draft
 from bench.registry import register_method
-from tasks._kit.lm import cache_kwargs
+from tasks._kit.lm import cache_kwargs, stop_rule
 
 if TYPE_CHECKING:
     import torch
@@ -138,11 +138,22 @@ def _rollback(cache, length: int) -> None:
 
 
 class SpeculativeDecoder:
-    """Draft-and-verify decoding of one sequence with `target` and `draft` (same vocabulary)."""
+    """Draft-and-verify decoding of one sequence with `target` and `draft` (same vocabulary).
 
-    def __init__(self, target, draft, config: SpeculativeConfig, eos_id: int | None,
+    `eos_id` is one end-of-sequence id, several (a checkpoint may declare more than one: Qwen2.5-Instruct's
+    `<|im_end|>` and `<|endoftext|>`), or None. Host syncs: the greedy loop keeps the sequence on the device as
+    well and reads the device once per verification pass (drafts and target argmaxes in one transfer), so the
+    acceptance, the end-of-sequence test and the stop rule run on that one copy; the draft proposes all its
+    tokens without looking at them (a draft EOS cuts the drafts after the fact, at the same place as before,
+    for the price of draft passes after it that are never verified). Sampling reads each draft token (an EOS
+    ends the drafts before another draw, which keeps the random stream, and so the samples, as they were)."""
+
+    def __init__(self, target, draft, config: SpeculativeConfig, eos_id: "int | Iterable[int] | None",
                  generator: "torch.Generator | None" = None):
-        self.target, self.draft, self.cfg, self.eos = target, draft, config, eos_id
+        self.target, self.draft, self.cfg = target, draft, config
+        ids = () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
+        self.eos_ids = frozenset(int(i) for i in ids)
+        self.eos = ids[0] if ids else None  # the first id (kept for callers that read one)
         self.generator = generator
         self.stats = SpeculativeStats()
 
@@ -155,68 +166,91 @@ class SpeculativeDecoder:
         q = processed_probs(logits, self.cfg.temperature, self.cfg.top_k)
         return torch.multinomial(q, 1, generator=self.generator), q
 
-    def _draft(self, seq: list[int], cache, gamma: int, device) -> tuple["torch.Tensor", list]:
-        """Up to gamma drafts x~_1.. (fewer if the draft proposes EOS), and their q rows when sampling.
-        The cache ends holding every draft but the last."""
+    def _draft(self, pending: "torch.Tensor", cache, gamma: int) -> tuple["torch.Tensor", list]:
+        """gamma drafts x~_1.. after the tokens `pending` (1-D, on the device) that the draft's cache lacks, and
+        their q rows when sampling. Greedy drafts are not read here (no host sync; `generate` cuts them at a
+        draft EOS); sampled ones stop at an EOS. The cache ends holding every draft but the last."""
         import torch
 
         tokens, qs = [], []
-        x = torch.tensor([seq[cache.get_seq_length():]], device=device)
+        x = pending.unsqueeze(0)
+        greedy = self.cfg.temperature == 0
         for _ in range(gamma):
             t, q = self._sample(_forward(self.draft, x, cache, 1)[-1])
             tokens.append(t)
             qs.append(q)
             self.stats.draft_forward_passes += 1
-            if int(t) == self.eos:
+            if not greedy and int(t) in self.eos_ids:
                 break
             x = t.view(1, 1)
-        drafts = torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.long, device=device)
+        drafts = torch.cat(tokens) if tokens else pending.new_empty(0)
         return drafts, qs
+
+    def _cut(self, emitted: list[int], new: list[int], stop) -> tuple[list[int], bool]:
+        """`emitted` cut after its first end-of-sequence id, then where `stop` (a `StopRule`) stops the
+        generation `new + emitted`; and whether the generation ends there."""
+        end = next((i + 1 for i, t in enumerate(emitted) if t in self.eos_ids), None)
+        if end is not None:
+            emitted = emitted[:end]
+        if stop is not None:
+            n = stop.stop_length(new + emitted, len(new))
+            if n is not None:
+                return emitted[:n - len(new)], True
+        return emitted, end is not None
 
     def generate(self, prompt: "torch.Tensor", max_new_tokens: int,
                  on_iteration: Callable[[list[int], object, object], None] | None = None,
-                 on_verify: Callable[["torch.Tensor", int, int, list[int]], None] | None = None) -> list[int]:
-        """New tokens after the 1-D `prompt`, up to `max_new_tokens` or EOS (included). `on_iteration(seq,
-        target_cache, draft_cache)` is called after every rollback (for tests); `on_verify(logits, n, g,
-        emitted)` after every verification pass, with the target's logits p_1..p_{g+1}, the n accepted of g
-        drafts and the tokens it emitted (what online distillation records)."""
+                 on_verify: Callable[["torch.Tensor", int, int, list[int]], None] | None = None,
+                 stop=None) -> list[int]:
+        """New tokens after the 1-D `prompt`, up to `max_new_tokens` or EOS (included), or where `stop` (the
+        task's `tasks._kit.lm.StopRule`) ends the generation. `on_iteration(seq, target_cache, draft_cache)` is
+        called after every rollback (for tests); `on_verify(logits, n, g, emitted)` after every verification
+        pass, with the target's logits p_1..p_{g+1}, the n accepted of g drafts and the tokens it emitted (what
+        online distillation records)."""
         import torch
         from transformers import DynamicCache
 
-        device = prompt.device
-        seq = prompt.tolist()
+        seq = prompt.tolist()  # the host's copy (one read per call)
+        dev = prompt  # the device's copy: the models' inputs are sliced from it, never rebuilt from the host
         start = len(seq)
         tc, dc = DynamicCache(config=self.target.config), DynamicCache(config=self.draft.config)
         st, greedy = self.stats, self.cfg.temperature == 0
         while len(seq) - start < max_new_tokens:
             remaining = max_new_tokens - (len(seq) - start)
-            drafts, qs = self._draft(seq, dc, min(self.cfg.num_draft_tokens, remaining - 1), device)
-            g = drafts.shape[0]
-            ids = torch.cat([torch.tensor(seq[tc.get_seq_length():], device=device), drafts]).unsqueeze(0)
-            logits = _forward(self.target, ids, tc, g + 1)  # p_1 .. p_{g+1}
-            if greedy:
-                n, y = accept_greedy(logits, drafts)
+            drafts, qs = self._draft(dev[dc.get_seq_length():], dc, min(self.cfg.num_draft_tokens, remaining - 1))
+            ids = torch.cat([dev[tc.get_seq_length():], drafts]).unsqueeze(0)
+            logits = _forward(self.target, ids, tc, drafts.shape[0] + 1)  # p_1 .. p_{g+1}
+            if greedy:  # the one read of the device in this pass: the drafts and the target's argmaxes
+                k = drafts.shape[0]
+                both = torch.cat([drafts, logits.argmax(-1)]).tolist()
+                d, a = both[:k], both[k:]
+                g = next((i + 1 for i, t in enumerate(d) if t in self.eos_ids), k)  # drafts up to a draft EOS
+                n = next((i for i in range(g) if d[i] != a[i]), g)  # accept_greedy on the first g drafts
+                y, logits = a[n], logits[:g + 1]
+                emitted = d[:n] + [y]
             else:
+                g = drafts.shape[0]
                 p = processed_probs(logits, self.cfg.temperature, self.cfg.top_k)
                 q = torch.stack(qs) if g else p[:0]
                 n, y = accept_drafts(p, q, drafts, self.generator)
+                emitted = drafts[:n].tolist() + [y]
             prefix = len(seq)
-            emitted = drafts[:n].tolist() + [y]
-            _rollback(tc, prefix + n)  # it holds prefix + g positions: keep the accepted drafts, not y
-            if g:
-                _rollback(dc, prefix + min(n, g - 1))  # it holds prefix + g - 1 positions
+            _rollback(tc, prefix + n)  # it holds prefix + (drafted) positions: keep the accepted drafts, not y
+            if drafts.shape[0]:
+                _rollback(dc, prefix + min(n, g - 1))  # it holds the drafts but the last
             st.target_forward_passes += 1
             st.drafted_tokens += g
             st.accepted_tokens += n
-            if self.eos is not None and self.eos in emitted:
-                emitted = emitted[:emitted.index(self.eos) + 1]
+            emitted, done = self._cut(emitted, seq[start:], stop)
             if on_verify is not None:
                 on_verify(logits, n, g, emitted)
             seq += emitted
             st.emitted_tokens += len(emitted)
+            if not done:  # the next pass's inputs, appended on the device: the accepted drafts and y
+                dev = torch.cat([dev, drafts[:n], torch.full((1,), y, dtype=dev.dtype, device=dev.device)])
             if on_iteration is not None:
                 on_iteration(seq, tc, dc)
-            if emitted[-1] == self.eos:
+            if done:
                 break
         return seq[start:]
 
@@ -240,12 +274,14 @@ class Speculative(Method):
         check_same_vocabulary(subject.model, draft, "speculative")
         tok = subject.extra["tokenizer"]
         generator = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
-        decoder = SpeculativeDecoder(subject.model, draft, self.config, tok.eos_token_id, generator)
+        rule = stop_rule(subject)  # the task's stop strings and end-of-sequence ids, the reference's too
+        decoder = SpeculativeDecoder(subject.model, draft, self.config,
+                                     tok.eos_token_id if rule is None else rule.eos_ids, generator)
 
         def generate(subj, input_ids, max_new_tokens, attention_mask=None):
             row = single_row(input_ids, attention_mask, "speculative")
             with torch.inference_mode():
-                new = decoder.generate(row, max_new_tokens)
+                new = decoder.generate(row, max_new_tokens, stop=stop_rule(subj))
             return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], 1)
 
         extra = {**subject.extra, "generate": generate, "draft": draft}

@@ -251,3 +251,125 @@ def test_end_to_end_on_arith(results_root):
     assert r.fidelity.value == 1.0  # greedy: the reference's answers, token for token
     s = r.method_stats
     assert 0 <= s["acceptance_rate"] <= 1 and s["mean_accepted_length"] >= 1 and s["target_forward_passes"] > 0
+
+
+# ---- one stopping rule, one device read per verification pass (issue 26, points 3 and 7) ----------------------
+
+def _stop_rule_at(tokenizer, tokens: list[int], at: int, eos_ids=()):
+    """A StopRule whose stop string is the decoded text of tokens[at - 2:at] (which the greedy target emits)."""
+    from tasks._kit.lm import StopRule
+
+    return StopRule.build(tokenizer, [tokenizer.decode(tokens[at - 2:at])], eos_ids)
+
+
+def test_a_stop_string_ends_the_generation_where_lm_evals_criteria_end_the_references(target, drafts, prompts,
+                                                                                       tokenizer):
+    """The reference's `generate` with lm-eval's own stop criteria and the speculative loop given the task's
+    StopRule stop after the same token: the decoder does not run on to the length limit."""
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+
+    ids = prompts[0]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    free = greedy(target, ids, 40, eos, pad)
+    assert len(free) == 40 and eos not in free  # the random target runs to the limit without a stop
+    rule = _stop_rule_at(tokenizer, free, 12)
+    with torch.inference_mode():
+        ref = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
+                              eos_token_id=eos, pad_token_id=pad,
+                              stopping_criteria=stop_sequences_criteria(tokenizer, list(rule.strings),
+                                                                        ids.shape[1], 1))[0, ids.shape[1]:].tolist()
+        dec = SpeculativeDecoder(target, drafts["noisy-copy"], SpeculativeConfig(num_draft_tokens=4), eos)
+        out = dec.generate(ids[0], 40, stop=rule)
+    assert len(ref) < 40 and out == ref == free[:len(ref)] == rule.cut(free)
+    assert dec.stats.emitted_tokens == len(out)  # it stopped: what it emitted is what it kept
+    assert dec.stats.target_forward_passes <= len(out)
+
+
+@pytest.mark.parametrize("which", ["first", "second"])
+def test_every_end_of_sequence_id_stops_the_decoder(target, drafts, prompts, tokenizer, which):
+    """A checkpoint may declare several end-of-sequence ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>):
+    each ends the generation, included, whichever comes first."""
+    ids = prompts[1]
+    ref = greedy(target, ids, 30, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    a, b = ref[5], ref[9]
+    assert a not in ref[:5] and b not in ref[:9]
+    eos_ids = [tokenizer.eos_token_id, a, b] if which == "first" else [b, tokenizer.eos_token_id]
+    dec = SpeculativeDecoder(target, drafts["noisy-copy"], SpeculativeConfig(num_draft_tokens=3), eos_ids)
+    with torch.inference_mode():
+        out = dec.generate(ids[0], 30)
+    assert out == ref[:6 if which == "first" else 10]
+
+
+def test_greedy_drafts_past_a_draft_eos_are_cut_as_before(target, prompts, tokenizer):
+    """The greedy draft no longer stops at its own EOS (that read synced the device per draft token); the
+    drafts are cut there afterwards, so what is verified, accepted and emitted is what it was: the target's
+    output, and the same drafted and accepted counts as a draft loop that stops at the EOS."""
+    ids = prompts[2]
+    ref = greedy(target, ids, 30, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    eos = ref[7]  # the target (and so the self-draft) emits it at position 7: a draft EOS inside a block
+    dec = SpeculativeDecoder(target, target, SpeculativeConfig(num_draft_tokens=4), eos)
+    with torch.inference_mode():
+        out = dec.generate(ids[0], 30)
+    s = dec.stats
+    assert out == ref[:ref.index(eos) + 1]
+    assert s.accepted_tokens == s.drafted_tokens  # the self-draft is always right, and nothing past EOS counts
+    assert s.emitted_tokens == len(out) and s.draft_forward_passes >= s.drafted_tokens
+
+
+def test_the_method_reads_the_tasks_stop_rule(target, drafts, prompts, tokenizer, ctx):
+    """Through the generate hook (what lm-eval and the timed workload call), the subject's StopRule stops the
+    speculative loop itself, and `generate_ids` returns the reference's cut answer."""
+    from decoding_models import DraftTask
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = prompts[3]
+    free = greedy(target, ids, 40, eos, pad)
+    rule = _stop_rule_at(tokenizer, free, 15)
+    reference = Subject(target, "causal-lm", {"tokenizer": tokenizer, "stop": rule})
+    applied = create_method("speculative").apply(reference, DraftTask(drafts["noisy-copy"]), ctx)
+    with torch.inference_mode():
+        ref = lm.generate_ids(reference, ids, 40)
+        out = lm.generate_ids(applied.subject, ids, 40)
+    assert torch.equal(out, ref) and ref.shape[1] - ids.shape[1] == len(rule.cut(free)) < 40
+    assert applied.stats()["emitted_tokens"] == len(rule.cut(free))
+
+
+@pytest.mark.gpu
+def test_greedy_decoding_reads_the_device_once_per_verification_pass(tokenizer):
+    """On CUDA, count the synchronising calls of the decoding loop (torch.cuda.set_sync_debug_mode warns on
+    each; those inside the models' forward passes, transformers' own, are counted apart): one read per
+    verification pass and one per call, whatever the number of drafts (before: one per draft token, and more)."""
+    import warnings
+
+    target = tiny_llama(len(tokenizer), eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id).cuda()
+    draft = tiny_llama(len(tokenizer), hidden=16, layers=1, heads=1, seed=7).cuda()
+    prompt = torch.tensor(tokenizer("Question: 12+7\nAnswer:", add_special_tokens=False)["input_ids"], device="cuda")
+    caught: list = []
+    inside = [0]
+    marks: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda *a: marks.append(len(caught))) for m in (target, draft)]
+    hooks += [m.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] + len(caught) - marks.pop()))
+              for m in (target, draft)]
+    try:
+        for k in (2, 6):
+            dec = SpeculativeDecoder(target, draft, SpeculativeConfig(num_draft_tokens=k), None)
+            with torch.inference_mode():
+                dec.generate(prompt, 4)  # warm-up (lazy initialisation syncs)
+                dec.stats = type(dec.stats)()
+                torch.cuda.synchronize()
+                caught.clear()
+                inside[0] = 0
+                with warnings.catch_warnings(record=True) as caught_here:
+                    warnings.simplefilter("always")
+                    caught = caught_here
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        dec.generate(prompt, 48)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+            syncs = len(caught) - inside[0]  # every warning while sync debugging is on is a sync report
+            passes = dec.stats.target_forward_passes
+            assert passes > 0 and syncs <= passes + 1, (k, syncs, passes)
+    finally:
+        for h in hooks:
+            h.remove()
