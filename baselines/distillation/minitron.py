@@ -283,6 +283,7 @@ class Minitron(Method):
         out = curve_stats("scratch", curve)
         out.update(scratch_tokens_seen=float(run.tokens_seen), scratch_matched=float(hit is not None),
                    scratch_seconds=run.seconds,
-                   scratch_tokens_to_match=float(hit) if hit is not None else float("nan"),
                    token_ratio_vs_scratch=tokens / hit if hit else tokens / max(1, run.tokens_seen))
+        if hit is not None:  # method_stats are finite: unmatched, the key is absent and the ratio is a bound
+            out["scratch_tokens_to_match"] = float(hit)
         return out

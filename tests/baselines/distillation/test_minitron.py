@@ -7,6 +7,7 @@ measurement), and a smoke run through the runner on arith (slow)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -226,6 +227,8 @@ def test_apply_prunes_to_the_students_size_distils_and_reports_controls_and_curv
     assert s["minitron_val_loss_0"] == s["pruned_labels_val_loss_0"]
     assert s["pruned_labels_tokens_seen"] == s["tokens_seen"] == s["student_tokens_seen"]
     assert s["scratch_step_4"] == 8 and s["scratch_matched"] in (0.0, 1.0) and s["token_ratio_vs_scratch"] > 0
+    assert ("scratch_tokens_to_match" in s) == bool(s["scratch_matched"])
+    assert all(math.isfinite(v) for v in s.values())  # the record's schema takes finite numbers only
     for k, v in teacher_subject.model.state_dict().items():
         assert torch.equal(v, teacher_before[k])  # the reference is untouched
 
