@@ -97,6 +97,8 @@ def run(
     processes: Annotated[int, typer.Option(min=1, help="time in this many fresh worker processes and pool their "
                                                        "pairs, so the interval covers between-process "
                                                        "variation")] = 1,
+    compile: Annotated[bool, typer.Option("--compile", help="time both arms under torch.compile (static KV cache "
+                                                            "for Hugging Face models); recorded in the result")] = False,
 ) -> None:
     """Run one method on one task, measured side by side against the reference; write the result JSON."""
     import warnings
@@ -130,7 +132,7 @@ def run(
         pass  # the run below says so, with near matches
     try:
         outcome = do_run(task, method, profile, seed, overrides, allow_mismatch, results_dir, RichReporter(err),
-                         budget=budget, argv=sys.argv, processes=processes)
+                         budget=budget, argv=sys.argv, processes=processes, compile=compile)
     except (RegistryError, ConfigError, ProfileMismatch) as e:  # a PreflightError is a ConfigError
         _fail(str(e))
     except RunFailed as e:

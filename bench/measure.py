@@ -110,32 +110,27 @@ class _LiveTensorBytes(TorchDispatchMode):
 _WALK_DEPTH = 8  # closures inside method objects inside dicts: deep enough for every subject in baselines/
 
 
-def arm_state(subject) -> dict[int, int]:
-    """{storage pointer: bytes} of every tensor an arm keeps resident: its model's parameters and buffers, and
-    the modules and tensors reachable from its `extra` through containers, function closures, bound methods
-    and the objects of this project's own modules (bench, baselines, tasks). Library objects other than
-    modules and tensors are not entered (a tokenizer holds no weights)."""
+def reachable(subject) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
+    """(modules, tensors) an arm keeps resident: its model, and the modules and tensors reachable from its
+    `extra` through containers, function closures, bound methods and the objects of this project's own modules
+    (bench, baselines, tasks). Library objects other than modules and tensors are not entered (a tokenizer
+    holds no weights); a module is not entered either (its parameters and buffers are its tensors)."""
     import types
 
     model = subject if isinstance(subject, torch.nn.Module) else subject.model
     extra = {} if isinstance(subject, torch.nn.Module) else subject.extra
-    found: dict[int, int] = {}
+    modules: list[torch.nn.Module] = []
+    tensors: list[torch.Tensor] = []
     seen: set[int] = set()
-
-    def tensor(t: torch.Tensor) -> None:
-        s = t.untyped_storage()
-        if s.data_ptr():
-            found[s.data_ptr()] = s.nbytes()
 
     def walk(obj, depth: int) -> None:
         if depth > _WALK_DEPTH or id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
             return
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            tensor(obj)
+            tensors.append(obj)
         elif isinstance(obj, torch.nn.Module):
-            for t in list(obj.parameters()) + list(obj.buffers()):
-                tensor(t)
+            modules.append(obj)
         elif isinstance(obj, dict):
             for v in list(obj.values()):
                 walk(v, depth + 1)
@@ -156,6 +151,18 @@ def arm_state(subject) -> dict[int, int]:
 
     walk(model, 0)
     walk(extra, 0)
+    return modules, tensors
+
+
+def arm_state(subject) -> dict[int, int]:
+    """{storage pointer: bytes} of every tensor an arm keeps resident (`reachable`): the parameters and buffers
+    of its modules and the tensors it holds, each storage once."""
+    modules, tensors = reachable(subject)
+    found: dict[int, int] = {}
+    for t in [p for m in modules for p in list(m.parameters()) + list(m.buffers())] + tensors:
+        s = t.untyped_storage()
+        if s.data_ptr():
+            found[s.data_ptr()] = s.nbytes()
     return found
 
 

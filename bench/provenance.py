@@ -23,11 +23,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def config_hash(task: str, task_version: str, method: str, method_version: str, hyperparameters: dict[str, Any],
-                profile: str, seed: int, bench_version: str) -> str:
-    """sha256 of the run's configuration in canonical JSON: equal configs hash equal on every machine."""
+                profile: str, seed: int, bench_version: str, compiled: bool = False) -> str:
+    """sha256 of the run's configuration in canonical JSON: equal configs hash equal on every machine.
+    `compiled` (bench run --compile) enters the payload only when set, so records made before it hash as then."""
     payload = {"task": task, "task_version": task_version, "method": method, "method_version": method_version,
                "hyperparameters": hyperparameters, "profile": profile, "seed": seed,
                "bench_version": bench_version}
+    if compiled:
+        payload["compiled"] = True
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -86,7 +86,15 @@ def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | N
     if problems:
         raise RemeasureRefused("not the configuration the record measured, so its speed is not re-timed:\n  "
                                + "\n  ".join(problems))
-    m, rules = measure_speed(ref_fn, met_fn, p.ctx, reporter, processes, spec, precision)
+    if record.profile.compiled and processes > 1:
+        raise RemeasureRefused("the record was timed under torch.compile (bench run --compile), in one process; "
+                               f"re-time it without --processes {processes}")
+    from contextlib import nullcontext
+
+    from bench.compiled import compiled_arms
+
+    with compiled_arms(p.reference, p.applied.subject) if record.profile.compiled else nullcontext():
+        m, rules = measure_speed(ref_fn, met_fn, p.ctx, reporter, processes, spec, precision)
     sha, dirty = git_state()
     argv = argv if argv is not None else sys.argv
     machine = detect_machine()

@@ -371,7 +371,7 @@ def reproduce(path: Path, force: bool = False, quality_rule: str = "exact", by: 
         try:
             out = run(record.task.name, record.method.name, record.profile.name, record.seed,
                       record.method.hyperparameters, force, Path(tmp), reporter, budget=budget,
-                      resume=False)  # evaluate anew: a cached evaluation would repeat the record's own answer
+                      resume=False, compile=record.profile.compiled)  # evaluate anew: a cached evaluation would repeat the record's own answer
             new = out.result
         except ProfileMismatch as e:
             raise ReproduceRefused(f"{e}\n(--force reproduces anyway and records the differences)") from None

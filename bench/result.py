@@ -98,6 +98,7 @@ class ProfileInfo(_M):
     detected: Machine
     matched: bool
     mismatches: list[str] = []
+    compiled: bool = False  # both arms timed under torch.compile (bench run --compile; bench.compiled)
 
 
 class Interval(_M):
@@ -442,7 +443,8 @@ def invariant_errors(r: Result, path: Path | None = None, results_root: Path | N
     from bench.provenance import config_hash
 
     expected = config_hash(r.task.name, r.task.version, r.method.name, r.method.version,
-                           r.method.hyperparameters, r.profile.name, r.seed, r.provenance.bench_version)
+                           r.method.hyperparameters, r.profile.name, r.seed, r.provenance.bench_version,
+                           compiled=r.profile.compiled)
     if r.provenance.config_hash != expected:
         errs.append(f"provenance.config_hash {r.provenance.config_hash} does not match the record's "
                     f"configuration ({expected})")

@@ -120,13 +120,13 @@ def method_evaluation(task, method, applied, ctx: RunContext, key: str, resume: 
 def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int = 0,
         overrides: dict[str, str] | None = None, allow_mismatch: bool = False, results_root: Path = DEFAULT_RESULTS,
         reporter: Reporter | None = None, budget: str = "full", argv: list[str] | None = None,
-        processes: int = 1, resume: bool = True) -> RunOutcome:
+        processes: int = 1, resume: bool = True, compile: bool = False) -> RunOutcome:
     """Run `method_name` on `task_name` and write its record (see the module docstring). Raises the resolving
     errors and `PreflightError` (nothing written), `RunFailed` (a failed record written) or `RunInterrupted`."""
     reporter = _Tracking(reporter or Reporter())
     try:
         return _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, Path(results_root),
-                    reporter, budget, argv, processes, resume)
+                    reporter, budget, argv, processes, resume, compile)
     except RunInterrupted:
         raise
     except KeyboardInterrupt:
@@ -136,7 +136,7 @@ def run(task_name: str, method_name: str, profile_name: str = "cpu", seed: int =
 
 
 def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, results_root, reporter, budget, argv,
-         processes, resume=True) -> RunOutcome:
+         processes, resume=True, compile=False) -> RunOutcome:
     # --- resolve: every mistake here is the user's, and writes nothing ------------------------------------
     tspec = registry.get_task_spec(task_name)
     mspec = registry.get_method_spec(method_name)
@@ -144,10 +144,16 @@ def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, 
     profile = load_profile(profile_name)
     method = registry.create_method(method_name, overrides)
     hparams = to_jsonable(method.config)
+    if compile and processes > 1:
+        from bench.config import ConfigError
+
+        raise ConfigError("--compile times both arms in this process; it does not combine with --processes "
+                          f"{processes} (the workers rebuild eager subjects): drop one of them")
     machine = detect_machine()
     mismatches = match_profile(profile, machine)
     ctx = RunContext(profile=profile, seed=seed, progress=reporter, device=profile.device, dtype=profile.dtype,
-                     batch_size=profile.batch_for(tspec.modality), budget=budget)
+                     batch_size=profile.batch_for(tspec.modality), budget=budget,
+                     eval_batch_size=profile.eval_batch_for(tspec.modality))
     task = tspec.cls()
     uses = frozenset(c for r in registry.requirements(mspec, tspec.modality)
                      for c in (r if isinstance(r, tuple) else (r,)) if offers(task, c))
@@ -162,7 +168,7 @@ def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, 
         warnings.warn(busy, stacklevel=3)
 
     cfg_hash = config_hash(tspec.name, tspec.version, mspec.name, mspec.version, hparams, profile.name, seed,
-                           __version__)
+                           __version__, compiled=compile)
     with reporter.step("Checking the pinned environment and what the code imports (cached afterwards)"):
         prov = provenance(cfg_hash, argv, lock=profile.lock, code=(tspec, mspec))
     now = datetime.now(timezone.utc)
@@ -173,7 +179,7 @@ def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, 
                           paper=mspec.paper, year=mspec.year, url=mspec.url),
         profile=ProfileInfo(name=profile.name, device=profile.device, dtype=profile.dtype, threads=profile.threads,
                             batch_size=ctx.batch_size, detected=machine, matched=not mismatches,
-                            mismatches=mismatches),
+                            mismatches=mismatches, compiled=compile),
         provenance=prov,
     )
     task_info = TaskInfo(name=tspec.name, version=tspec.version, tier=tspec.tier, modality=tspec.modality,
@@ -189,7 +195,7 @@ def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, 
         from bench.speed import RunSpec
 
         spec = RunSpec(tspec.name, mspec.name, hparams, profile.name, seed, budget)
-        body = _measure(task, method, ref_w, ctx, processes, spec, resume)
+        body = _measure(task, method, ref_w, ctx, processes, spec, resume, compile)
         result = Result(status="ok", task=task_info, **common, **body)
     except KeyboardInterrupt:
         raise
@@ -268,8 +274,13 @@ class RunFailed(RuntimeError):
         super().__init__(f"{result.error.type}: {result.error.message} (record: {path})")
 
 
-def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None, resume: bool = True) -> dict:
+def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None, resume: bool = True,
+             compile: bool = False) -> dict:
+    from contextlib import nullcontext
+
     import numpy as np
+
+    from bench.compiled import backend as compile_backend, compiled_arms
 
     from bench.measure import count_macs, count_parameters, peak_memory, serialized_bytes
     from bench.stats import bootstrap_interval, paired_delta_interval
@@ -284,9 +295,8 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
                     ref_w.sha256, task.data_fingerprint(), code_digest(type(task), type(method)))
     met_eval, method_stats = method_evaluation(task, method, applied, ctx, key, resume)
 
-    spec = task.spec
     quality = Quality(
-        metric=spec.metric, higher_is_better=spec.higher_is_better, value=met_eval.value,
+        metric=task.spec.metric, higher_is_better=task.spec.higher_is_better, value=met_eval.value,
         reference_value=ref_eval.value, delta=met_eval.value - ref_eval.value,
         interval=_interval(bootstrap_interval(met_eval.per_example)),
         delta_interval=_interval(paired_delta_interval(met_eval.per_example, ref_eval.per_example)),
@@ -313,9 +323,13 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
 
     ref_fn, items, unit = task.workload(reference, ctx)
     met_fn, _, _ = task.workload(subject, ctx)
-    timing, rules = measure_speed(ref_fn, met_fn, ctx, ctx.progress, processes, spec)
-    ref_mem, measure = peak_memory(reference, ref_fn, ctx.device)  # each arm's own state only
-    met_mem, _ = peak_memory(subject, met_fn, ctx.device)
+    with compiled_arms(reference, subject) if compile else nullcontext():  # --compile: both arms alike
+        if compile:
+            ctx.progress.log(f"timing both arms under torch.compile (backend {compile_backend()}); each arm "
+                             f"compiles in its untimed warm-up")
+        timing, rules = measure_speed(ref_fn, met_fn, ctx, ctx.progress, processes, spec)
+        ref_mem, measure = peak_memory(reference, ref_fn, ctx.device)  # each arm's own state only
+        met_mem, _ = peak_memory(subject, met_fn, ctx.device)
 
     def size_of(model) -> SizeOf:
         total, nonzero = count_parameters(model)
