@@ -93,13 +93,19 @@ def code_digest(*classes: type) -> str:
     return h.hexdigest()[:16]
 
 
+def method_evaluation_path(task, key: str) -> Path:
+    return cache.cache_dir() / "evals" / task.spec.name / "methods" / f"{key}.json"
+
+
 def method_evaluation(task, method, applied, ctx: RunContext, key: str, resume: bool = True
                       ) -> tuple[Evaluation, dict[str, float]]:
-    """The method's quality and its statistics as they stood right after the evaluation, cached under `key`
-    (the run's configuration, reference, data and code): a failure in a later step (timing, MACs, sizes)
-    resumes from here instead of evaluating again, which on a GPU task can take hours. `resume=False`
-    evaluates anew and replaces the entry (a reproduction must not read its own earlier answer)."""
-    path = cache.cache_dir() / "evals" / task.spec.name / "methods" / f"{key}.json"
+    """The method's quality and its statistics as they stood right after the evaluation, kept under `key`
+    (the run's configuration, reference, data and code) until the run's record is written: a failure or an
+    interruption in a later step (timing, MACs, sizes) resumes from here instead of evaluating again, which on
+    a GPU task can take hours. A finished run removes the entry (`_run`), so a later run of the same
+    configuration evaluates anew and its statistics (some are seconds) are its own. `resume=False` evaluates
+    anew even when an entry exists (a reproduction must not read an earlier answer back)."""
+    path = method_evaluation_path(task, key)
     if not resume:
         path.unlink(missing_ok=True)
 
@@ -111,9 +117,9 @@ def method_evaluation(task, method, applied, ctx: RunContext, key: str, resume: 
 
     payload, built = cache.cached_json(path, build)
     if not built:
-        ctx.progress.log(f"{method.spec.name}: evaluation resumed from the cache ({path}), made by an earlier run "
-                         f"of this configuration, reference, data and code (one that failed later, or finished); "
-                         f"delete that file to evaluate again")
+        ctx.progress.log(f"{method.spec.name}: evaluation resumed from the cache ({path}), kept by an earlier run "
+                         f"of this configuration, reference, data and code that failed or was interrupted after "
+                         f"it; delete that file to evaluate again")
     return Evaluation.from_json(payload["evaluation"]), payload["stats"]
 
 
@@ -196,6 +202,7 @@ def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, 
 
         spec = RunSpec(tspec.name, mspec.name, hparams, profile.name, seed, budget)
         body = _measure(task, method, ref_w, ctx, processes, spec, resume, compile)
+        evaluation_entry = body.pop("evaluation_entry")
         result = Result(status="ok", task=task_info, **common, **body)
     except KeyboardInterrupt:
         raise
@@ -205,7 +212,9 @@ def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, 
                                         traceback=relative_paths(traceback.format_exc())))
         path = _write(result, results_root)
         raise RunFailed(result, path) from e
-    return RunOutcome(result, _write(result, results_root))
+    out = RunOutcome(result, _write(result, results_root))
+    evaluation_entry.unlink(missing_ok=True)  # the record holds it now: nothing left to resume
+    return out
 
 
 class RecordNotWritten(OSError):
@@ -294,6 +303,7 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
                     method.spec.version, to_jsonable(method.config), ctx.profile.name, ctx.seed, ctx.budget,
                     ref_w.sha256, task.data_fingerprint(), code_digest(type(task), type(method)))
     met_eval, method_stats = method_evaluation(task, method, applied, ctx, key, resume)
+    evaluation_entry = method_evaluation_path(task, key)
 
     quality = Quality(
         metric=task.spec.metric, higher_is_better=task.spec.higher_is_better, value=met_eval.value,
@@ -339,6 +349,7 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
     sparsity = 1 - met_size.nonzero_parameters / met_size.parameters if met_size.parameters else 0.0
     c = applied.cost
     return dict(
+        evaluation_entry=evaluation_entry,
         quality=quality, fidelity=Fidelity(metric=fid_metric, value=fid_value, divergence=divergence), controls=controls,
         method_stats=method_stats,
         speed=speed_record(timing, rules, unit, items),

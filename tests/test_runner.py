@@ -70,7 +70,8 @@ def test_failed_run_writes_a_failed_record(results_root, monkeypatch):
 
 def test_a_failure_after_the_evaluation_resumes_from_it(results_root, monkeypatch):
     """A run that fails while timing keeps the method's evaluation (and the statistics it left): the same
-    configuration run again evaluates nothing, says so, and records the same quality."""
+    configuration run again evaluates nothing, says so, and records the same quality. A finished run keeps
+    nothing (the next run evaluates anew); resume=False evaluates anew even after a failure."""
     import bench.speed
     from bench.progress import Reporter
     from tasks.digits import Digits
@@ -92,20 +93,25 @@ def test_a_failure_after_the_evaluation_resumes_from_it(results_root, monkeypatc
         def log(self, message):
             self.lines.append(message)
 
+    def failing_run():
+        with monkeypatch.context() as m:
+            m.setattr(bench.speed, "measure_speed", broken)
+            with pytest.raises(RunFailed):
+                run("digits", "none", seed=11, budget="smoke", results_root=results_root)
+
     monkeypatch.setattr(Digits, "evaluate", counting)
-    with monkeypatch.context() as m:
-        m.setattr(bench.speed, "measure_speed", broken)
-        with pytest.raises(RunFailed):
-            run("digits", "none", seed=11, budget="smoke", results_root=results_root)
+    failing_run()
     assert len(calls) == 2  # the reference's evaluation, then the method's
     log = Log()
     r = run("digits", "none", seed=11, budget="smoke", results_root=results_root, reporter=log).result
     assert len(calls) == 2 and r.status == "ok"  # both from the cache
     assert any("evaluation resumed from the cache" in line for line in log.lines)
-    fresh = run("digits", "none", seed=12, budget="smoke", results_root=results_root).result  # another one
-    assert len(calls) == 4 and fresh.quality.n == r.quality.n
-    again = run("digits", "none", seed=11, budget="smoke", results_root=results_root, resume=False).result
-    assert len(calls) == 5 and again.quality == r.quality  # a reproduction evaluates anew (the same answer)
+    again = run("digits", "none", seed=11, budget="smoke", results_root=results_root).result
+    assert len(calls) == 3 and again.quality == r.quality  # the finished run kept nothing to resume
+    failing_run()
+    assert len(calls) == 4
+    fresh = run("digits", "none", seed=11, budget="smoke", results_root=results_root, resume=False).result
+    assert len(calls) == 5 and fresh.quality == r.quality  # a reproduction evaluates anew
 
 
 def test_interrupted_run_leaves_no_file(results_root, monkeypatch):
