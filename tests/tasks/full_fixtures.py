@@ -6,6 +6,8 @@ them. Built from the task tests' own fixture writers (`test_gsm8k`, `test_glue`)
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -58,3 +60,14 @@ def full_task_env(root: Path, separate_draft: bool) -> Iterator[Path]:
         for spec in (glue.SST2, glue.MNLI):
             mp.delenv(spec.labels_env, raising=False)
         yield root
+
+
+def cifar10_fixtures():
+    """This folder's conftest (its `write_cifar10` writes CIFAR-10 files in the real format), loaded once under a
+    name of its own: `conftest` names several modules, so it cannot be imported by that name."""
+    spec = importlib.util.spec_from_file_location("_cifar10_fixture_writer", Path(__file__).parent / "conftest.py")
+    if spec.name not in sys.modules:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # before running it: its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[spec.name]

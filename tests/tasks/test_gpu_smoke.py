@@ -42,22 +42,12 @@ def gpu_profile() -> str:
     return cuda[0]
 
 
-def cifar10_writer():
-    """`write_cifar10` of this folder's conftest (imported by path: `conftest` names several modules)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tasks_conftest_for_smoke", Path(__file__).parent / "conftest.py")
-    mod = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))  # dataclasses look it up
-    spec.loader.exec_module(mod)
-    return mod.write_cifar10
-
-
 @pytest.fixture(scope="module")
 def full_tasks(tmp_path_factory):
     """Write every full task's fixture files once and point the tasks at them while the module runs."""
     import torch
 
-    from full_fixtures import full_task_env
+    from full_fixtures import cifar10_fixtures, full_task_env
     from latent_fixtures import (EXTRACTOR, STEPS, register_extractor, save_tiny_clip, save_tiny_dit, save_tiny_sd,
                                  write_coco)
     from tasks import coco, imagenet_fid
@@ -69,7 +59,7 @@ def full_tasks(tmp_path_factory):
     rng = np.random.default_rng(0)
     x = rng.normal(0.4, 0.1, size=(200, 24))  # the tiny extractor's 24 features
     np.savez(root / "ref.npz", mu=x.mean(0), sigma=np.cov(x, rowvar=False))
-    cifar = cifar10_writer()(root / "cifar")
+    cifar = cifar10_fixtures().write_cifar10(root / "cifar")
     (root / "lm").mkdir()
     with full_task_env(root / "lm", separate_draft=True), pytest.MonkeyPatch.context() as mp:
         mp.setenv("BENCH_DATA", str(cifar.root))

@@ -4,7 +4,6 @@ runner (digits; cifar10 on fixture files)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,10 @@ from tasks._kit.classification import fit, seed_everything
 from tasks.base import RunContext
 from tasks.cifar10 import CIFAR10, cifar_resnet
 from tasks.digits import Digits
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "tasks"))  # the task tests' fixture writers
+
+from full_fixtures import cifar10_fixtures  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -292,22 +295,11 @@ def test_smoke_run_on_digits_through_the_runner(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "methods" / "byot").rglob("network-*.safetensors"))) == 2  # + control
 
 
-def cifar_fixtures():
-    """tests/tasks/conftest.py's writer of CIFAR-10 files in the real format, loaded under a name of its own."""
-    path = Path(__file__).parents[2] / "tasks" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_cifar10_fixture_writer", path)
-    if spec.name not in sys.modules:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # before running it: its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[spec.name]
-
-
 @pytest.mark.slow
 def test_smoke_run_on_cifar10_fixture_files_with_the_resnet(tmp_path, monkeypatch):
     from bench.runner import run
 
-    cifar_fixtures().write_cifar10(tmp_path / "data")
+    cifar10_fixtures().write_cifar10(tmp_path / "data")
     monkeypatch.setenv("BENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("BENCH_CIFAR10_VERIFY", "0")
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
