@@ -74,6 +74,15 @@ class RunContext:
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
 
+    @classmethod
+    def for_profile(cls, profile: "Profile", modality: str, seed: int, progress: "Reporter",
+                    budget: "Budget | str" = Budget.FULL) -> "RunContext":
+        """The context a run of a `modality` task has under `profile`: its device, dtype and both batches. One
+        constructor for `bench run`, the timing workers and `bench reference`, so they cannot drift apart."""
+        return cls(profile=profile, seed=seed, progress=progress, device=profile.device, dtype=profile.dtype,
+                   batch_size=profile.batch_for(modality), budget=budget,
+                   eval_batch_size=profile.eval_batch_for(modality))
+
     @property
     def torch_dtype(self) -> "torch.dtype":
         import torch

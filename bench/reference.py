@@ -26,8 +26,7 @@ def build_reference(task_name: str, publish: bool = False, console=None) -> tupl
     profile = load_profile("cpu")
     setup_torch(profile, 0)
     reporter = RichReporter(console) if console is not None else Reporter()
-    ctx = RunContext(profile=profile, seed=0, progress=reporter, batch_size=profile.batch_for(spec.modality),
-                     eval_batch_size=profile.eval_batch_for(spec.modality))
+    ctx = RunContext.for_profile(profile, spec.modality, 0, reporter)
     task = spec.cls()
     task.load(ctx)
     if hasattr(task, "build_artifacts"):  # a task whose artifact is several files (arith: tokenizer, reference

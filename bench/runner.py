@@ -157,9 +157,7 @@ def _run(task_name, method_name, profile_name, seed, overrides, allow_mismatch, 
                           f"{processes} (the workers rebuild eager subjects): drop one of them")
     machine = detect_machine()
     mismatches = match_profile(profile, machine)
-    ctx = RunContext(profile=profile, seed=seed, progress=reporter, device=profile.device, dtype=profile.dtype,
-                     batch_size=profile.batch_for(tspec.modality), budget=budget,
-                     eval_batch_size=profile.eval_batch_for(tspec.modality))
+    ctx = RunContext.for_profile(profile, tspec.modality, seed, reporter, budget)
     task = tspec.cls()
     uses = frozenset(c for r in registry.requirements(mspec, tspec.modality)
                      for c in (r if isinstance(r, tuple) else (r,)) if offers(task, c))

@@ -180,9 +180,7 @@ def prepare(spec: RunSpec, progress=None) -> Prepared:
     registry.check_supports(mspec, tspec)
     profile = load_profile(spec.profile)
     method = registry.create_method(spec.method, spec.hyperparameters)
-    ctx = RunContext(profile=profile, seed=spec.seed, progress=progress or Reporter(), device=profile.device,
-                     dtype=profile.dtype, batch_size=profile.batch_for(tspec.modality), budget=spec.budget,
-                     eval_batch_size=profile.eval_batch_for(tspec.modality))
+    ctx = RunContext.for_profile(profile, tspec.modality, spec.seed, progress or Reporter(), spec.budget)
     setup_torch(profile, spec.seed)
     task = tspec.cls()
     task.load(ctx)
