@@ -336,8 +336,21 @@ class CalibrationSampling(Protocol):
         samples; a caller records what it needs through the subject it passes."""
 
 
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    """A frozen pretrained feature network for the task's inputs, apart from the evaluation's metric (an adversarial
+    method's discriminator backbone, as DINOv2 is ADD's). It must not be the network the metric reads (FID's
+    extractor): a discriminator on it would optimise the metric itself."""
+
+    def feature_network(self, ctx: RunContext) -> "torch.nn.Module":
+        """A frozen module (eval mode, no parameter requires grad) on the run's device, mapping a batch of the task's
+        images (as its sampler returns them, in [-1, 1]) to a list of feature tensors (N x C x ...), shallow to
+        deep. Deterministic: the same weights on every call and run of one machine."""
+
+
 CAPABILITIES: tuple[type, ...] = (TrainingRows, TrainingSplit, Student, Draft, Augmentation, Tokenizer,
-                                  EncoderData, Pipeline, ShiftedPrompts, Sections, CalibrationSampling)
+                                  EncoderData, Pipeline, ShiftedPrompts, Sections, CalibrationSampling,
+                                  FeatureNetwork)
 
 
 def pick(n_rows: int, n: int, seed: int) -> list[int]:

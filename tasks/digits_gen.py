@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-from bench.api import CalibrationSampling, TrainingSplit
+from bench.api import CalibrationSampling, FeatureNetwork, TrainingSplit
 from bench.registry import register_task
 from tasks.base import ARTIFACTS, Evaluation, RunContext, Subject, Task
 from tasks._kit.diffusion import DIT, SCHEDULE, UNET, DiffusionRecipe
@@ -53,9 +53,10 @@ SMOKE_EVAL_SIZE = 40
 EVAL_BATCH = 100  # images per sampling call in calibration (evaluation: the profile's [eval_batch_size], 100 on cpu)
 WORKLOAD_SEED = 10_000  # the timed batch's noise: seed + WORKLOAD_SEED, disjoint from the evaluation's
 CALIBRATION_SEED = 20_000  # a method's calibration noise: seed + CALIBRATION_SEED, disjoint from both
+FEATURE_NET_SEED = 1  # the FeatureNetwork classifier's init and batch order (FID's classifier: seed 0)
 
 
-class DigitsGenTask(Task, TrainingSplit, CalibrationSampling):
+class DigitsGenTask(Task, TrainingSplit, CalibrationSampling, FeatureNetwork):
     backbone: ClassVar[str]
     recipe: ClassVar[DiffusionRecipe]
     arch: ClassVar[dict]
@@ -130,6 +131,51 @@ class DigitsGenTask(Task, TrainingSplit, CalibrationSampling):
         path = cache.cache_dir() / "tasks" / "digits-gen" / f"classifier-{k}.safetensors"
         cache.cached_weights(path, lambda: fid.train_classifier(self.train, ctx))
         return path
+
+    def feature_network(self, ctx: RunContext):
+        """FeatureNetwork: a digits classifier of FID's architecture and recipe (`fid.CLASSIFIER_RECIPE`) but its own
+        initialisation and batch order (seed `FEATURE_NET_SEED`), trained once per machine and cached; frozen. It
+        maps images in [-1, 1] to [16 x 8 x 8, 32 x 4 x 4, 64] features (the two conv stages, the penultimate layer).
+        Not FID's extractor itself: a discriminator on that network's features would optimise the metric directly
+        (a design change from ADD's issue, which named "the task's feature classifier")."""
+        import torch
+        from torch import nn
+
+        from bench import cache
+        from tasks._kit import fid
+        from tasks._kit.classification import fit
+
+        def build() -> dict:
+            net = fid.build_classifier()
+            torch.manual_seed(FEATURE_NET_SEED)
+            for m in net:
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            fit(net, self.train, fid.CLASSIFIER_RECIPE, ctx, seed=FEATURE_NET_SEED,
+                description="Training the digits-gen discriminator-feature classifier")
+            return net.state_dict()
+
+        k = cache.key("feature-network", FEATURE_NET_SEED, ctx.budget, ctx.device, fid.CLASSIFIER_RECIPE,
+                      self.data_fingerprint())
+        state, _, _ = cache.cached_weights(cache.cache_dir() / "tasks" / "digits-gen" / f"features-{k}.safetensors",
+                                           build)
+        net = fid.build_classifier()
+        net.load_state_dict(state)
+
+        class Stages(nn.Module):
+            def __init__(self, body):
+                super().__init__()
+                self.body = body
+
+            def forward(self, x):
+                h1 = self.body[:3](x)
+                h2 = self.body[3:6](h1)
+                return [h1, h2, self.body[6:8](h2)]
+
+        out = Stages(net[:8]).to(ctx.device).eval()
+        for p in out.parameters():
+            p.requires_grad_(False)
+        return out
 
     def build_artifacts(self, ctx: RunContext, publish: bool) -> tuple[str, Path]:
         """`bench reference build`: the feature classifier and this task's reference, into the cache, and with
