@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 FAMILIES = ("distillation", "caching", "pruning", "decoding", "none")
-MODALITIES = ("image-classification", "causal-lm", "text-classification", "image-generation")
+MODALITIES = ("image-classification", "causal-lm", "text-classification", "image-generation", "diffusion-lm")
 TIERS = ("embedded", "full")
 
 T = TypeVar("T")
