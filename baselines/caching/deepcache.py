@@ -228,8 +228,9 @@ def unet_forward(model, sample, timestep, class_labels, branch: int, cache: dict
 
 @register_method("deepcache", family="caching", paper="Ma et al., DeepCache: Accelerating Diffusion Models for "
                  "Free", year=2024, url="https://arxiv.org/abs/2312.00858", modalities=("image-generation",),
+                 version="2",  # 2: `branch` is the authors' cache_branch_id (1 named whole-block branches)
                  summary="UNet: full pass every N steps; in between reuse the cached high-level up-path feature "
-                         "and recompute only the shallow down/up blocks of one skip branch")
+                         "and recompute only the shallow path of one skip branch (the authors' branch ids)")
 class DeepCache(Method):
     Config = DeepCacheConfig
 
