@@ -8,7 +8,6 @@ digits-gen at the smoke budget (cached, deterministic with MAC latencies). The p
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
