@@ -186,17 +186,28 @@ def rows(t, n: int, device) -> "torch.Tensor":
     return t.expand(n).contiguous() if t.dim() == 0 else t
 
 
-def flow_map(student, y, t, s, labels, ft: FlowTime, clip: float | None = None) -> "torch.Tensor":
+def flow_map(student, y, t, s, labels, ft: FlowTime, clip: float | None = None, with_gain: bool = False):
     """f_theta(y, t, s) = y + (tau_s - tau_t) v_theta(y, t, s),  v_theta = u(y, tau_t) of the student's epsilon
     eps_theta(x_t = (alpha_t + sigma_t) y, t | s): identity at s = t by construction, and at initialisation
     (the s-branch zero) one DDIM step of the reference from t to s. t, s: ints or (B,) timesteps (s = CLEAN for
-    the data)."""
+    the data). `with_gain`: also return d f / d eps_theta per pixel (no gradient)."""
+    import torch
+
     n = y.shape[0]
     t, s = rows(t, n, y.device), rows(s, n, y.device)
     tau_t, tau_s = ft.tau(t), ft.tau(s)
     dtype = next(student.parameters()).dtype
     eps = student.eps((col(ft.scale(t), y) * y).to(dtype), t, labels, tau_s.to(y.device, dtype)).to(y.dtype)
-    return jump(y, velocity(y, eps, tau_t, clip), tau_t, tau_s)
+    f = jump(y, velocity(y, eps, tau_t, clip), tau_t, tau_s)
+    if not with_gain:
+        return f
+    # d f / d eps_theta per pixel: (tau_s - tau_t) (1 + tau_t / (1 - tau_t)) where x0^ is inside the clip, else
+    # (tau_s - tau_t) (a clipped x0^ does not move with eps)
+    tc = col(tau_t, y)
+    x0 = (y - tc * eps) / (1 - tc)
+    inside = (x0.abs() < clip) if clip is not None else torch.ones_like(x0, dtype=torch.bool)
+    gain = col(tau_s - tau_t, y) * (1 + inside.to(y.dtype) * tc / (1 - tc))
+    return f, gain.detach()
 
 
 def teacher_velocity(teacher_eps: Callable, y, t, labels, ft: FlowTime, clip: float | None = None):
@@ -318,7 +329,7 @@ def predictor_target(student, setup: Setup, y, t, s_plus, s, labels):
 
 def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, branch_lr: float, weighting: str,
            corrector: float,
-           end_fraction: float, fake=None, fake_lr: float = 1e-4, r_range: tuple[int, int] = (20, 980), seed: int = 0,
+           end_fraction: float, fake=None, fake_lr: float = 1e-4, ema: float = 0.0, r_range: tuple[int, int] = (20, 980), seed: int = 0,
            progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """FreeFlow's predictor-corrector training of `student` (in place). Each step, per row: a segment (t, s+, s)
     (`draw_segments`), a start state (`start_states`) and
@@ -330,7 +341,11 @@ def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, bra
                    L_C = 1/2 || x^ - sg[x^ - g] ||^2  (so dL_C/dx^ = g), then one flow-matching (epsilon) step of
                    `fake` on sg[x^]: the auxiliary model of the student's own noising velocity
 
-    with w = 1 ("position") or 1 / (tau_s - tau_s+)^2 ("velocity": the residual of the generating velocity);
+    with w = 1 ("position"), 1 / (tau_s - tau_s+)^2 ("velocity": the residual of the generating velocity) or
+    ((1 - tau_t) / (tau_t - tau_s))^2 ("eps": the error in units of the network's epsilon, d f / d eps being
+    (tau_s - tau_t) / (1 - tau_t) where x0^ is not clipped: 158 (tau_t - tau_s) at t = 999, ~2 (tau_t - tau_s) at
+    t = 249, so "position" lets the first jumps' gradients dominate the shared network); with `ema` > 0 the
+    start states and f+ come from an EMA copy of the student (consistency distillation's target network);
     loss = mean L_P + `corrector` L_C. Adam at `lr` on the reference's weights and `branch_lr` on the s-branches
     (which start at zero and alone can make jumps to different s differ). `end_fraction` of the rows take s = CLEAN whatever the uniform draw (the
     corrector's samples). Returns losses for the record."""
@@ -344,6 +359,13 @@ def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, bra
     branch = [p for n, p in student.named_parameters() if ".branch." in n]
     trunk = [p for n, p in student.named_parameters() if ".branch." not in n]
     opt = torch.optim.Adam([{"params": trunk, "lr": lr}, {"params": branch, "lr": branch_lr}])
+    import copy
+
+    target_net = student  # where start states and f+ come from: the student itself, or its EMA (`ema` > 0)
+    if ema > 0:
+        target_net = copy.deepcopy(student).eval()
+        for p in target_net.parameters():
+            p.requires_grad_(False)
     fake_opt = None
     if fake is not None and corrector > 0:
         fake.train()
@@ -357,10 +379,16 @@ def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, bra
             end = torch.rand(batch_size, generator=gen) < end_fraction
             s = torch.where(end, torch.full_like(s, CLEAN), s)
             s_plus = torch.where(end, torch.minimum(torch.full_like(t, before_clean), t), s_plus)
-        y, labels = start_states(student, setup, batch_size, t, gen, device)
-        target = predictor_target(student, setup, y, t, s_plus, s, labels)
-        pred = flow_map(student, y, t.to(device), s.to(device), labels, ft, setup.clip)
-        per_row = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+        y, labels = start_states(target_net, setup, batch_size, t, gen, device)
+        target = predictor_target(target_net, setup, y, t, s_plus, s, labels)
+        pred, gain = flow_map(student, y, t.to(device), s.to(device), labels, ft, setup.clip, with_gain=True)
+        err = (pred.float() - target.float()) ** 2
+        if weighting == "eps":  # the error in units of the network's epsilon: / (d f / d eps)^2, per pixel
+            err = err / gain.float().pow(2)
+        elif weighting == "eps-row":  # the same with every pixel taken as unclipped (the row's largest gain)
+            g = ((ft.tau(t) - ft.tau(s)) / (1 - ft.tau(t))).to(device).float()
+            err = err / col(g, err).pow(2)
+        per_row = err.flatten(1).mean(1)
         if weighting == "velocity":
             d = (ft.tau(s) - ft.tau(s_plus)).to(device).float()
             per_row = per_row / d.pow(2)
@@ -385,6 +413,10 @@ def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, bra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema > 0:
+            with torch.no_grad():
+                for p_t, p in zip(target_net.parameters(), student.parameters()):
+                    p_t.lerp_(p, 1 - ema)
         if fake_opt is not None and clean.any():
             log["fake"].append(fake_step(fake, fake_opt, setup, pred[clean].detach().float(), labels[clean], gen))
         if progress is not None:

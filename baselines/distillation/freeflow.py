@@ -53,8 +53,13 @@ jumps; no training image is ever read (the record's `cost.samples_seen` is 0 rea
    s+ the grid point above s (f+ = y_t when s+ = t): the student's own point one grid step earlier, moved by the
    teacher's instantaneous velocity there (that Euler move is one teacher DDIM step, by 1). Its gradient is
    w (tau_s - tau_s+)^2 (d_s f - u) . d f / d theta in the small-step limit: the paper's velocity residual;
-   `weighting` "velocity" sets w = 1 / (tau_s - tau_s+)^2 (the residual itself), "position" (default) w = 1
-   (the error measured where the sample is, as progressive's "sampler" loss does). t is one of the sampling
+   `weighting` "velocity" sets w = 1 / (tau_s - tau_s+)^2 (the residual itself), "position" w = 1 (the error
+   where the sample is), and "eps" (default) w = 1 / (d f / d eps_theta)^2 per pixel, the error in units of the
+   network's own output: f moves by (tau_s - tau_t) / (1 - tau_t) per unit of eps_theta where x0^ is not
+   clipped (158 (tau_t - tau_s) at t = 999 against 2 (tau_t - tau_s) at t = 249) and by (tau_s - tau_t) where
+   it is. Measured in position, the jumps from t = 999 dominate the shared weights (every FID got worse than the
+   untrained student's); "eps-row" uses the unclipped gain for every pixel, which leaves the one-jump map
+   (t = 999 -> data, mostly clipped pixels) almost no weight. t is one of the sampling
    starts, s any grid point below it; the start y_t is the student's own path point y_t = f_theta(y_T, T, t)
    from y_T = x_T / (alpha_T + sigma_T), x_T ~ N(0, I) (labels uniform over the model's classes): prior only.
 
@@ -117,14 +122,20 @@ class FreeFlowConfig:
     # are the predictor's start times
     train_for: tuple[int, ...] = (1, 2, 4)
     skip: int = 50  # the predictor's grid: every skip-th timestep from 999 (a 20-point grid), plus the starts
-    steps: int = 300  # Adam steps (each: 2 student and 1 teacher pass at batch_size, plus the corrector's rows)
+    steps: int = 250  # Adam steps (each: 2 student and 1 teacher pass at batch_size, plus the corrector's rows)
     batch_size: int = 32
-    lr: float = 1e-5  # Adam on the reference's weights in the student, a fine-tuning rate
-    # Adam on the s-branches: they start at zero and are what lets jumps from one point to different s differ;
-    # at one shared rate the trunk absorbed the corrections and every jump got worse (module docstring, tuning)
-    branch_lr: float = 1e-3
-    weighting: Literal["position", "velocity"] = "position"  # w of the predictor (module docstring, 3)
-    corrector: float = 0.0  # weight of the distribution-matching corrector (0: the predictor alone)
+    lr: float = 1e-4  # Adam on the reference's weights in the student
+    branch_lr: float = 1e-3  # Adam on the s-branches (they start at zero; 100 steps, "eps": 2/4-step FID 13.2/9.5
+    # at 1e-4/1e-3 against 17.9/11.9 at 1e-5/1e-4)
+    # w of the predictor (module docstring, 3): "eps" measures the error in the network's epsilon units, per
+    # pixel; "eps-row" takes every pixel as unclipped; with "position" the first jumps (d f / d eps = 158
+    # (tau_t - tau_s) at t = 999) dominated the shared network and every FID got worse than the untrained
+    # student's (4-step 24.6 -> 69-1250 in 100 steps, at any rate tried)
+    weighting: Literal["eps", "eps-row", "position", "velocity"] = "eps"
+    # weight of the distribution-matching corrector (0: the predictor alone). At 1 (end_fraction 0.25, 250 steps,
+    # "eps-row") it ruined the student: 1/2/4-step FID 427/199/372; its DMD direction is normalised to ~1 per
+    # pixel while the predictor's epsilon-unit loss is ~5e-4, so weights near 1e-3 are where to look (untested)
+    corrector: float = 0.0
     end_fraction: float = 0.25  # share of each batch whose target is the data itself (the corrector's samples)
     fake_lr: float = 1e-4  # Adam on the corrector's auxiliary model of the student's noising velocity
     clip: bool = True  # clip x0^ to the data range inside every velocity, as the task's sampler clips
@@ -151,8 +162,9 @@ class FreeFlowConfig:
         if self.corrector > 0 and self.end_fraction == 0:
             raise ConfigError(f"corrector={self.corrector} needs generated images: end_fraction must be > 0 (the "
                               f"share of each batch that jumps to the data), or set corrector=0")
-        if self.weighting not in ("position", "velocity"):
-            raise ConfigError(f"weighting={self.weighting!r} is not one of 'position', 'velocity'")
+        if self.weighting not in ("eps", "eps-row", "position", "velocity"):
+            raise ConfigError(f"weighting={self.weighting!r} is not one of 'eps', 'eps-row', 'position', "
+                              f"'velocity'")
 
 
 def num_classes(model) -> int:

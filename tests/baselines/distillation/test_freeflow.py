@@ -10,11 +10,9 @@ import torch
 
 from baselines.distillation import _freeflow as F
 from bench.config import ConfigError
-from bench.profiles import load_profile
-from bench.progress import Reporter
-from bench.registry import create_method, get_task_spec
+from bench.registry import create_method
 from tasks._kit import diffusion
-from tasks.base import RunContext
+from test_progressive import digits_gen  # noqa: F401 - the published digits-gen UNet at the smoke budget
 
 MU, S = 0.3, 0.5  # the Gaussian data N(MU, S^2) of the closed-form tests
 
@@ -150,6 +148,34 @@ def test_the_flow_map_sampler_is_ddim_retimed_and_both_converge_to_the_exact_ode
         err[n] = max(float((a - b).abs().max()) for a, b in zip(states, exact))
     # first order, as Euler is: ten times the steps, about a tenth of the error (measured 0.28, 0.032, 0.0033)
     assert err[100] < err[10] / 8 and err[1000] < err[100] / 8 and err[1000] < 5e-3, err
+
+
+class ConstantEps(torch.nn.Module):
+    """A student whose epsilon is one learnable image, whatever its inputs."""
+
+    def __init__(self, e):
+        super().__init__()
+        self.e = torch.nn.Parameter(e)
+
+    def eps(self, x, t, labels, tau_s):
+        return self.e.expand_as(x)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_the_eps_weighting_s_gain_is_the_derivative_of_the_jump_in_epsilon(clip):
+    """The predictor's "eps" weighting divides by d f / d eps_theta per pixel: autograd's derivative of the jump,
+    158 (tau_s - tau_t)-ish where x0^ is inside the clip at t = 999 and (tau_s - tau_t) where it is clipped."""
+    ft = F.flow_time(diffusion.reference_scheduler().alphas_cumprod)
+    gen = torch.Generator().manual_seed(9)
+    y = torch.randn(1, 1, 4, 4, generator=gen, dtype=torch.float64)
+    student = ConstantEps(y.clone() + 0.003 * torch.randn(1, 1, 4, 4, generator=gen, dtype=torch.float64))
+    for t, s in ((999, F.CLEAN), (999, 949), (249, 199)):
+        f, gain = F.flow_map(student, y, t, s, None, ft, clip, with_gain=True)
+        student.e.grad = None
+        f.sum().backward()
+        torch.testing.assert_close(student.e.grad, gain, rtol=1e-10, atol=1e-12)
+        if t == 999 and s == F.CLEAN:  # clipped pixels move 1 / (1 - tau_999) = 158 times less
+            assert gain.unique().numel() == (2 if clip is not None else 1)
 
 
 def tiny_student(seed: int = 0):
@@ -296,7 +322,7 @@ def test_config_validation():
     assert create_method("freeflow", {"train_for": "1,8", "num_inference_steps": "8"}).config.train_for == (1, 8)
     with pytest.raises(ConfigError, match="not among the step counts.*train_for=1,2,4"):
         create_method("freeflow", {"num_inference_steps": "3"})
-    with pytest.raises(ConfigError, match="'position', 'velocity'"):
+    with pytest.raises(ConfigError, match="'eps', 'eps-row', 'position', 'velocity'"):
         create_method("freeflow", {"weighting": "snr"})
     with pytest.raises(ConfigError, match="end_fraction must be > 0"):
         create_method("freeflow", {"corrector": "1", "end_fraction": "0"})
@@ -304,17 +330,6 @@ def test_config_validation():
                 {"corrector": "-1"}, {"num_inference_steps": "0"}, {"train_for": "0"}):
         with pytest.raises(ConfigError):
             create_method("freeflow", bad)
-
-
-@pytest.fixture(scope="module")
-def digits_gen():
-    """(task, reference subject, ctx): the published digits-gen UNet (else the untrained one), smoke budget."""
-    torch.set_num_threads(1)
-    ctx = RunContext(profile=load_profile("cpu"), seed=0, progress=Reporter(), batch_size=4, budget="smoke")
-    task = get_task_spec("digits-gen").cls()
-    task.load(ctx)
-    state = task.reference_weights(ctx).state if task.reference_sha256 else task.build_reference().state_dict()
-    return task, task.subject_from_state(state, ctx), ctx
 
 
 SMOKE = {"batch_size": "4", "corrector": "1", "end_fraction": "0.5"}
