@@ -25,6 +25,13 @@ next trained timestep (LCMScheduler's step on the 4-point grid, seeded per image
 Control (`teacher_ddim_same_steps`): the reference sampled by DDIM in the same number of steps, undistilled: what
 the adversarial and distillation training bought over simply taking fewer steps (as `progressive` reports).
 
+Measured on digits-gen (400 steps at batch 32; FID of the task's 500 images): the paper's weights (adversarial 1,
+lambda 2.5, R1 1e-5) took the 4-step DDIM FID from the undistilled reference's 27.4 to 411 and class accuracy to
+86%: the student learns perturbations that fool the small classifier's features, which DINOv2 resists at the
+paper's scale. R1 with gamma 1 and an adversarial weight of 0.01 (the defaults) limit that to 90.0; distillation
+alone (adversarial weight 0) gives 48.9. So on this task the adversarial term costs quality rather than buying
+it; the records say so beside their control.
+
 Left out of the paper: the text conditioning (classes enter the heads by projection instead), DINOv2 (the task's
 own feature network instead, see above), the discriminator's image conditioning, and its scale (4k iterations at
 batch 128 on SDXL; a few hundred steps here, within the 5-minute budget of a CPU run).
