@@ -58,11 +58,13 @@ class Frame:
 
     @classmethod
     def of(cls, model, ids: "torch.Tensor", attention_mask: "torch.Tensor") -> "Frame":
+        import torch
+
         from tasks._kit import dllm
 
         decoder, _ = llama_parts(model)
         dtype = next(model.parameters()).dtype
-        probe = decoder.embed_tokens.weight[:1][None].expand(ids.shape[0], ids.shape[1], -1)  # dtype and device
+        probe = torch.zeros((1, 1, 1), dtype=dtype, device=ids.device)  # rotary_emb reads its dtype and device
         cos, sin = decoder.rotary_emb(probe, dllm.positions(attention_mask))
         keys = dllm.bidirectional_mask(attention_mask, dtype)[:, :, :1]  # every query row is the same
         return cls(cos, sin, keys)

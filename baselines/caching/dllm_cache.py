@@ -17,8 +17,8 @@ next. So, per layer l, it caches the attention output AttnOut_l and the FFN outp
 
 and only the positions U (plus the prompt, on its refresh steps) go through the layer: their q, k, v, attention
 over *all* keys (the cached keys and values with U's replaced), W_o, FFN; everything else is read from the cache
-(`_dllm` has the layer's equations). The paper picks V as the indicator because it tracks the change of the
-layer's outputs best of the cheap candidates (its Figure on K, V, AttnOut, FFNOut similarities).
+(`_dllm` has the layer's equations). The paper's reason for V: a token's value-vector change tracks the change
+of its attention and FFN outputs, and V costs one projection of the layer's input.
 
 Here the step counter runs over the whole response (all semi-autoregressive blocks), as the authors' counter does;
 s = 0 is a full pass. The cache holds K, V, AttnOut, FFNOut per layer and position, each from the step it was

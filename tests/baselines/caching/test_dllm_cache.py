@@ -155,6 +155,7 @@ def test_the_control_is_the_plain_sampler_with_the_matched_share_of_steps():
     assert applied.subject.extra["forward"] is not None and subject.extra.get("forward") is None
 
 
+@pytest.mark.slow  # trains the smoke reference and evaluates through lm-eval: minutes on a loaded machine
 def test_end_to_end_smoke_run(results_root):
     from bench.runner import run
 

@@ -123,6 +123,7 @@ def test_the_control_is_parallel_decoding_without_the_cache():
     assert not FastDLLM(FastDLLMConfig(cache="none")).apply(subject, task, None).controls
 
 
+@pytest.mark.slow  # trains the smoke reference and evaluates through lm-eval: minutes on a loaded machine
 def test_end_to_end_smoke_run(results_root):
     from bench.runner import run
 
@@ -132,3 +133,18 @@ def test_end_to_end_smoke_run(results_root):
     assert stats["full_calls"] > 0 and stats["partial_calls"] > 0 and 0 < stats["cache_hit_share"] < 1
     assert stats["steps_per_sequence"] <= 16
     assert [c.name for c in r.controls] == ["parallel_decoding_without_cache"]
+
+
+@pytest.mark.parametrize("cache", ["dual", "dllm-cache"])
+def test_the_mac_counter_runs_through_the_cached_forwards_and_counts_less(cache):
+    """bench run counts MACs with torch's flop counter outside no_grad (its module tracker hooks every module
+    input): the layer walk must survive it, and the caches must show in the count."""
+    from baselines.caching.dllm_cache import DLLMCache, DLLMCacheConfig
+    from bench.measure import count_macs
+
+    subject = tiny_subject()
+    applied = fast(subject, cache=cache, threshold=None) if cache == "dual" else \
+        DLLMCache(DLLMCacheConfig(control=False)).apply(subject, None, None)
+    prompt = torch.randint(0, MASK, (1, 5))
+    ref = count_macs(lambda: subject.extra["generate"](subject, prompt, 16))
+    assert 0 < count_macs(lambda: applied.subject.extra["generate"](applied.subject, prompt, 16)) < ref

@@ -83,6 +83,7 @@ def test_an_observer_already_on_the_subject_still_sees_every_step():
     assert seen == [0, 1, 0, 1]
 
 
+@pytest.mark.slow  # trains the smoke reference and evaluates through lm-eval: minutes on a loaded machine
 def test_end_to_end_smoke_run(results_root):
     from bench.runner import run
 
