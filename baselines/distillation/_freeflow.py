@@ -329,7 +329,7 @@ def predictor_target(student, setup: Setup, y, t, s_plus, s, labels):
 
 def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, branch_lr: float, weighting: str,
            corrector: float,
-           end_fraction: float, fake=None, fake_lr: float = 1e-4, ema: float = 0.0, r_range: tuple[int, int] = (20, 980), seed: int = 0,
+           end_fraction: float, fake=None, fake_lr: float = 1e-4, r_range: tuple[int, int] = (20, 980), seed: int = 0,
            progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """FreeFlow's predictor-corrector training of `student` (in place). Each step, per row: a segment (t, s+, s)
     (`draw_segments`), a start state (`start_states`) and
@@ -342,12 +342,12 @@ def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, bra
                    `fake` on sg[x^]: the auxiliary model of the student's own noising velocity
 
     with w = 1 ("position"), 1 / (tau_s - tau_s+)^2 ("velocity": the residual of the generating velocity) or
-    ((1 - tau_t) / (tau_t - tau_s))^2 ("eps": the error in units of the network's epsilon, d f / d eps being
-    (tau_s - tau_t) / (1 - tau_t) where x0^ is not clipped: 158 (tau_t - tau_s) at t = 999, ~2 (tau_t - tau_s) at
-    t = 249, so "position" lets the first jumps' gradients dominate the shared network); with `ema` > 0 the
-    start states and f+ come from an EMA copy of the student (consistency distillation's target network);
-    loss = mean L_P + `corrector` L_C. Adam at `lr` on the reference's weights and `branch_lr` on the s-branches
-    (which start at zero and alone can make jumps to different s differ). `end_fraction` of the rows take s = CLEAN whatever the uniform draw (the
+    1 / (d f / d eps_theta)^2 per pixel ("eps": the error in units of the network's epsilon; d f / d eps is
+    (tau_s - tau_t) / (1 - tau_t) where x0^ is not clipped, 158 (tau_s - tau_t) at t = 999, and (tau_s - tau_t)
+    where it is; "eps-row" takes every pixel as unclipped). Measured in position, the first jumps' gradients
+    dominate the shared network. loss = mean L_P + `corrector` L_C. Adam at `lr` on the reference's weights and
+    `branch_lr` on the s-branches (which start at zero and alone make jumps to different s differ).
+    `end_fraction` of the rows take s = CLEAN whatever the uniform draw (the
     corrector's samples). Returns losses for the record."""
     import torch
 
@@ -359,13 +359,6 @@ def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, bra
     branch = [p for n, p in student.named_parameters() if ".branch." in n]
     trunk = [p for n, p in student.named_parameters() if ".branch." not in n]
     opt = torch.optim.Adam([{"params": trunk, "lr": lr}, {"params": branch, "lr": branch_lr}])
-    import copy
-
-    target_net = student  # where start states and f+ come from: the student itself, or its EMA (`ema` > 0)
-    if ema > 0:
-        target_net = copy.deepcopy(student).eval()
-        for p in target_net.parameters():
-            p.requires_grad_(False)
     fake_opt = None
     if fake is not None and corrector > 0:
         fake.train()
@@ -379,8 +372,8 @@ def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, bra
             end = torch.rand(batch_size, generator=gen) < end_fraction
             s = torch.where(end, torch.full_like(s, CLEAN), s)
             s_plus = torch.where(end, torch.minimum(torch.full_like(t, before_clean), t), s_plus)
-        y, labels = start_states(target_net, setup, batch_size, t, gen, device)
-        target = predictor_target(target_net, setup, y, t, s_plus, s, labels)
+        y, labels = start_states(student, setup, batch_size, t, gen, device)
+        target = predictor_target(student, setup, y, t, s_plus, s, labels)
         pred, gain = flow_map(student, y, t.to(device), s.to(device), labels, ft, setup.clip, with_gain=True)
         err = (pred.float() - target.float()) ** 2
         if weighting == "eps":  # the error in units of the network's epsilon: / (d f / d eps)^2, per pixel
@@ -413,10 +406,6 @@ def distil(student, setup: Setup, *, steps: int, batch_size: int, lr: float, bra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if ema > 0:
-            with torch.no_grad():
-                for p_t, p in zip(target_net.parameters(), student.parameters()):
-                    p_t.lerp_(p, 1 - ema)
         if fake_opt is not None and clean.any():
             log["fake"].append(fake_step(fake, fake_opt, setup, pred[clean].detach().float(), labels[clean], gen))
         if progress is not None:

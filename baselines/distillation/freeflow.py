@@ -54,12 +54,14 @@ jumps; no training image is ever read (the record's `cost.samples_seen` is 0 rea
    teacher's instantaneous velocity there (that Euler move is one teacher DDIM step, by 1). Its gradient is
    w (tau_s - tau_s+)^2 (d_s f - u) . d f / d theta in the small-step limit: the paper's velocity residual;
    `weighting` "velocity" sets w = 1 / (tau_s - tau_s+)^2 (the residual itself), "position" w = 1 (the error
-   where the sample is), and "eps" (default) w = 1 / (d f / d eps_theta)^2 per pixel, the error in units of the
-   network's own output: f moves by (tau_s - tau_t) / (1 - tau_t) per unit of eps_theta where x0^ is not
-   clipped (158 (tau_t - tau_s) at t = 999 against 2 (tau_t - tau_s) at t = 249) and by (tau_s - tau_t) where
-   it is. Measured in position, the jumps from t = 999 dominate the shared weights (every FID got worse than the
-   untrained student's); "eps-row" uses the unclipped gain for every pixel, which leaves the one-jump map
-   (t = 999 -> data, mostly clipped pixels) almost no weight. t is one of the sampling
+   where the sample is), "eps-row" (default) w = ((1 - tau_t) / (tau_t - tau_s))^2 and "eps" w = 1 / (d f /
+   d eps_theta)^2 per pixel: the error in units of the network's own output. f moves by (tau_s - tau_t) /
+   (1 - tau_t) per unit of eps_theta where x0^ is not clipped (158 (tau_t - tau_s) at t = 999 against
+   2 (tau_t - tau_s) at t = 249) and by (tau_s - tau_t) where it is; "eps-row" takes every pixel as unclipped.
+   Measured in position, the jumps from t = 999 dominate the shared weights (every FID got worse than the
+   untrained student's). "eps-row" leaves the one-jump map (t = 999 -> data, mostly clipped pixels) almost no
+   weight: its 2- and 4-step students are the best measured (FID 13.1, 9.11) and its 1-step one is not (360);
+   "eps" trains the one-jump map (202) at the others' cost (48.9, 18.2). t is one of the sampling
    starts, s any grid point below it; the start y_t is the student's own path point y_t = f_theta(y_T, T, t)
    from y_T = x_T / (alpha_T + sigma_T), x_T ~ N(0, I) (labels uniform over the model's classes): prior only.
 
@@ -125,18 +127,19 @@ class FreeFlowConfig:
     steps: int = 250  # Adam steps (each: 2 student and 1 teacher pass at batch_size, plus the corrector's rows)
     batch_size: int = 32
     lr: float = 1e-4  # Adam on the reference's weights in the student
-    branch_lr: float = 1e-3  # Adam on the s-branches (they start at zero; 100 steps, "eps": 2/4-step FID 13.2/9.5
+    branch_lr: float = 1e-3  # Adam on the s-branches (start at zero; 100 steps, "eps-row": 2/4-step FID 13.2/9.5
     # at 1e-4/1e-3 against 17.9/11.9 at 1e-5/1e-4)
-    # w of the predictor (module docstring, 3): "eps" measures the error in the network's epsilon units, per
-    # pixel; "eps-row" takes every pixel as unclipped; with "position" the first jumps (d f / d eps = 158
-    # (tau_t - tau_s) at t = 999) dominated the shared network and every FID got worse than the untrained
-    # student's (4-step 24.6 -> 69-1250 in 100 steps, at any rate tried)
-    weighting: Literal["eps", "eps-row", "position", "velocity"] = "eps"
+    # w of the predictor (module docstring, 3). Measured (250 steps, 1/2/4-step FID): "eps-row" 360/13.1/9.11,
+    # "eps" (per pixel) 202/48.9/18.2, untrained 264/105/24.6; "position" made every FID worse within 100 steps
+    # (4 steps 69-1250 at the rates tried). "eps-row" is the default for its 2- and 4-step students
+    weighting: Literal["eps", "eps-row", "position", "velocity"] = "eps-row"
     # weight of the distribution-matching corrector (0: the predictor alone). At 1 (end_fraction 0.25, 250 steps,
     # "eps-row") it ruined the student: 1/2/4-step FID 427/199/372; its DMD direction is normalised to ~1 per
     # pixel while the predictor's epsilon-unit loss is ~5e-4, so weights near 1e-3 are where to look (untested)
     corrector: float = 0.0
-    end_fraction: float = 0.25  # share of each batch whose target is the data itself (the corrector's samples)
+    # share of each batch whose target is forced to the data itself (the corrector's samples; with corrector 0
+    # the uniform draw alone, as measured)
+    end_fraction: float = 0.0
     fake_lr: float = 1e-4  # Adam on the corrector's auxiliary model of the student's noising velocity
     clip: bool = True  # clip x0^ to the data range inside every velocity, as the task's sampler clips
     control: bool = True  # also distil with data (the record's control); false: the method alone
@@ -317,7 +320,7 @@ class FreeFlow(Method):
             fake = copy.deepcopy(teacher).to(ctx.device).float()
             for p in fake.parameters():
                 p.requires_grad_(True)
-        with ctx.progress.step(f"FreeFlow distillation ({F_SOURCE(source)})", total=steps) as advance:
+        with ctx.progress.step(f"FreeFlow distillation ({SOURCES[source]})", total=steps) as advance:
             log = F.distil(student, setup, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, branch_lr=cfg.branch_lr,
                            weighting=cfg.weighting, corrector=cfg.corrector, end_fraction=cfg.end_fraction,
                            fake=fake, fake_lr=cfg.fake_lr, seed=ctx.seed, progress=advance)
@@ -334,6 +337,3 @@ class FreeFlow(Method):
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (int(cfg.in_channels), *map(int, size))
 
-
-def F_SOURCE(source: str) -> str:  # noqa: N802 - a label for progress lines
-    return SOURCES[source]
