@@ -24,6 +24,11 @@ Sampling, the student's timesteps (the scheduler's 4-step grid) and the control 
 reference in the same DDIM steps, undistilled) are `add`'s. The student's cost counts the teacher's sampling of its
 training set; real data seen: none.
 
+Measured on digits-gen (the defaults, 400 steps): 4-step DDIM FID 364.0, class accuracy 67% (the reference in 4
+DDIM steps: 27.4, 99.2%); 1 step 931.5 (ancestral). As with `add`, the student learns to fool the discriminator's
+features rather than to draw better digits at this scale; variants (lr 1e-6; adversarial weight 0.01 with ADD's
+distillation at 2.5) were still training when this was committed.
+
 Left out of the paper: its scale (an 8B MMDiT, synthetic data from text prompts), the student's shifted timestep
 schedule, and the text conditioning (classes enter the heads by projection, as in `add`).
 """
@@ -44,8 +49,10 @@ ALGORITHM_VERSION = "ladd-1"  # part of the cache key: bump when the training ch
 @dataclass(frozen=True)
 class LADDConfig:
     num_inference_steps: int = 4  # sampling steps, 1 to 4; not in the student's cache key
-    # "ancestral": ADD's re-noising of each x0 prediction; "ddim": the task's deterministic DDIM (sampling only)
-    sampler: Literal["ancestral", "ddim"] = "ancestral"
+    # "ancestral": ADD's re-noising of each x0 prediction; "ddim": the task's deterministic DDIM (sampling only).
+    # The default student, 4 steps: FID 364.0 with DDIM, 389.1 ancestral (the reference undistilled: 27.4 / 97.5);
+    # the adversarial term alone degrades it on digits-gen, as in `add` (its docstring)
+    sampler: Literal["ancestral", "ddim"] = "ddim"
     steps: int = 400  # student updates (each after one discriminator update)
     batch_size: int = 32  # teacher samples per step
     lr: float = 1e-5  # the student's Adam rate (a fine-tuning of the reference)
