@@ -35,3 +35,17 @@ def lm_task() -> TinyLMTask:
 @pytest.fixture
 def teacher_subject(lm_task, ctx):
     return lm_task.prepare(lm_task.reference(), ctx)
+
+
+@pytest.fixture(scope="module")
+def digits_gen():
+    """(task, reference subject, ctx): the published digits-gen UNet (else the untrained one), smoke budget,
+    batch 4: the diffusion distillations' tests (progressive, add, ladd, freeflow) share it."""
+    from bench.registry import get_task_spec
+
+    torch.set_num_threads(1)
+    ctx = RunContext(profile=load_profile("cpu"), seed=0, progress=Reporter(), batch_size=4, budget="smoke")
+    task = get_task_spec("digits-gen").cls()
+    task.load(ctx)
+    state = task.reference_weights(ctx).state if task.reference_sha256 else task.build_reference().state_dict()
+    return task, task.subject_from_state(state, ctx), ctx

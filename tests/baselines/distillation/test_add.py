@@ -10,11 +10,8 @@ import torch
 
 from baselines.distillation import _adversarial as A
 from bench.config import ConfigError
-from bench.profiles import load_profile
-from bench.progress import Reporter
-from bench.registry import create_method, get_task_spec
+from bench.registry import create_method
 from tasks._kit import diffusion
-from tasks.base import RunContext
 
 
 class ConvEps(torch.nn.Module):
@@ -129,16 +126,6 @@ def test_an_adversarial_step_moves_the_student_and_the_heads():
 def test_bad_settings_are_refused_with_the_valid_range(bad, expected):
     with pytest.raises(ConfigError, match=expected):
         create_method("add", bad)
-
-
-@pytest.fixture(scope="module")
-def digits_gen():
-    torch.set_num_threads(1)
-    ctx = RunContext(profile=load_profile("cpu"), seed=0, progress=Reporter(), batch_size=4, budget="smoke")
-    task = get_task_spec("digits-gen").cls()
-    task.load(ctx)
-    state = task.reference_weights(ctx).state if task.reference_sha256 else task.build_reference().state_dict()
-    return task, task.subject_from_state(state, ctx), ctx
 
 
 SMOKE = {"batch_size": "4"}

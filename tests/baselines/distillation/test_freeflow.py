@@ -12,7 +12,6 @@ from baselines.distillation import _freeflow as F
 from bench.config import ConfigError
 from bench.registry import create_method
 from tasks._kit import diffusion
-from test_progressive import digits_gen  # noqa: F401 - the published digits-gen UNet at the smoke budget
 
 MU, S = 0.3, 0.5  # the Gaussian data N(MU, S^2) of the closed-form tests
 

@@ -14,11 +14,8 @@ import torch
 from baselines.distillation import _adversarial as A
 from baselines.distillation import ladd
 from bench.config import ConfigError
-from bench.profiles import load_profile
-from bench.progress import Reporter
-from bench.registry import create_method, get_task_spec
+from bench.registry import create_method
 from tasks._kit import diffusion
-from tasks.base import RunContext
 
 
 def test_the_discriminator_noise_level_is_logit_normal_in_flow_time_mapped_by_snr():
@@ -29,16 +26,6 @@ def test_the_discriminator_noise_level_is_logit_normal_in_flow_time_mapped_by_sn
     high = ladd.disc_timesteps(abar, 2000, 1.0, 1.0, gen).float().mean()
     low = ladd.disc_timesteps(abar, 2000, -1.0, 1.0, gen).float().mean()
     assert high > t[0] > low  # m = 1 (LADD's choice) favours noisier levels
-
-
-@pytest.fixture(scope="module")
-def digits_gen():
-    torch.set_num_threads(1)
-    ctx = RunContext(profile=load_profile("cpu"), seed=0, progress=Reporter(), batch_size=4, budget="smoke")
-    task = get_task_spec("digits-gen").cls()
-    task.load(ctx)
-    state = task.reference_weights(ctx).state if task.reference_sha256 else task.build_reference().state_dict()
-    return task, task.subject_from_state(state, ctx), ctx
 
 
 def test_teacher_features_stop_at_the_mid_block_and_pass_gradients_to_the_input_only(digits_gen):

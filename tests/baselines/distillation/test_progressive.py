@@ -12,11 +12,8 @@ import torch
 
 from baselines.distillation import _progressive as P
 from bench.config import ConfigError
-from bench.profiles import load_profile
-from bench.progress import Reporter
-from bench.registry import create_method, get_task_spec
+from bench.registry import create_method
 from tasks._kit import diffusion
-from tasks.base import RunContext
 
 
 def test_batched_ddim_step_reproduces_diffusers_ddim_over_whole_loops():
@@ -169,17 +166,6 @@ def test_config_validation_and_rounds():
             create_method("progressive", bad)
     with pytest.raises(ValueError, match="epsilon"):
         P.x0_clip(dict(diffusion.reference_scheduler().config) | {"prediction_type": "v_prediction"})
-
-
-@pytest.fixture(scope="module")
-def digits_gen():
-    """(task, reference subject, ctx): the published digits-gen UNet (else the untrained one), smoke budget."""
-    torch.set_num_threads(1)
-    ctx = RunContext(profile=load_profile("cpu"), seed=0, progress=Reporter(), batch_size=4, budget="smoke")
-    task = get_task_spec("digits-gen").cls()
-    task.load(ctx)
-    state = task.reference_weights(ctx).state if task.reference_sha256 else task.build_reference().state_dict()
-    return task, task.subject_from_state(state, ctx), ctx
 
 
 SMOKE = {"teacher_steps": "8", "target_steps": "4", "batch_size": "8"}
