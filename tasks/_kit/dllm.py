@@ -7,8 +7,13 @@ The network. LLaDA's mask predictor is a Llama decoder with the causal mask remo
 the backbone of LLaDA by simply removing the causal mask"), and one reserved [MASK] id. Here it is transformers'
 `LlamaForCausalLM` itself, run with a 4-D attention mask that lets every position attend to every real token
 (transformers takes a 4-D mask as given, and its SDPA path drops `is_causal` when a mask is passed): the model,
-its weights and their serialisation stay the maintained library's; only the mask differs. Position i's logits
-predict token i (no shift), and [MASK] is id `len(tokenizer)`, one past the tokenizer's vocabulary.
+its weights and their serialisation stay the maintained library's; only the mask differs. [MASK] is id
+`len(tokenizer)`, one past the tokenizer's vocabulary. Position i's logits predict token i (LLaDA: `shift` 0), or,
+with `shift` 1, token i is predicted by position i - 1's logits (Dream's "shift operation", Ye et al. 2025,
+"Dream 7B", arXiv:2508.15487): a mask predictor adapted from an autoregressive model keeps the meaning of its
+output head (position i - 1's hidden state already predicts the next token), which is why Dream initialises from
+an AR checkpoint with the shift. The shift is a property of the model (`DLLMExtra["shift"]`); every consumer of
+logits (the loss, the sampler, a cache's forward) reads it.
 
 Training (LLaDA's SFT, its eq. 5): for a prompt p_0 and response r_0 of length L', draw t ~ U(0, 1), mask each
 response token independently with probability t (the prompt never), and minimise
@@ -83,15 +88,28 @@ def positions(attention_mask: "torch.Tensor") -> "torch.Tensor":
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def logits(model, ids: "torch.Tensor", attention_mask: "torch.Tensor | None" = None) -> "torch.Tensor":
-    """The mask predictor's logits (B, L, V) for every position: one bidirectional forward pass."""
+def logits(model, ids: "torch.Tensor", attention_mask: "torch.Tensor | None" = None, shift: int = 0) -> "torch.Tensor":
+    """The mask predictor's logits (B, L, V) for every position: one bidirectional forward pass; row i holds the
+    prediction of token i (with `shift` 1 taken from the network's row i - 1: `shifted`)."""
     import torch
 
     if attention_mask is None:
         attention_mask = torch.ones_like(ids)
     dtype = next(model.parameters()).dtype
-    return model(input_ids=ids, attention_mask=bidirectional_mask(attention_mask, dtype),
-                 position_ids=positions(attention_mask)).logits
+    out = model(input_ids=ids, attention_mask=bidirectional_mask(attention_mask, dtype),
+                position_ids=positions(attention_mask)).logits
+    return shifted(out, shift)
+
+
+def shifted(out: "torch.Tensor", shift: int) -> "torch.Tensor":
+    """Network rows -> predictions of tokens: with shift 1 row i becomes row i - 1 (row 0, a prompt token that is
+    never predicted, keeps its own); with 0 unchanged."""
+    import torch
+
+    if shift not in (0, 1):
+        raise ValueError(f"shift={shift} must be 0 (LLaDA: position i predicts token i) or 1 (Dream: position "
+                         f"i - 1 predicts token i)")
+    return torch.cat([out[:, :1], out[:, :-1]], dim=1) if shift else out
 
 
 def forward_process(ids: "torch.Tensor", maskable: "torch.Tensor", t: "torch.Tensor", mask_id: int,
@@ -116,7 +134,7 @@ def masked_loss(model_logits: "torch.Tensor", targets: "torch.Tensor", masked: "
     return (nll.sum(-1) / lengths.clamp(min=1)).mean()
 
 
-def sft_batch_loss(mask_id: int, eps: float, gen: "torch.Generator") -> Callable:
+def sft_batch_loss(mask_id: int, eps: float, gen: "torch.Generator", shift: int = 0) -> Callable:
     """A `batch_loss` for `tasks._kit.lm.fit_lm`: its labels mark the response (every position the loss applies
     to; the prompt is -100), which is masked by the forward process at a t per row."""
     import torch
@@ -125,7 +143,7 @@ def sft_batch_loss(mask_id: int, eps: float, gen: "torch.Generator") -> Callable
         maskable = labels != -100
         t = torch.rand(ids.shape[0], generator=gen).to(ids.device)
         noised, masked, p = forward_process(ids, maskable, t, mask_id, gen, eps)
-        out = logits(model, noised, attention_mask)
+        out = logits(model, noised, attention_mask, shift)
         return masked_loss(out, ids, masked, p, maskable.sum(-1)), int(attention_mask.sum())
 
     return loss
@@ -139,17 +157,18 @@ def transfer_counts(masked: int, steps: int) -> list[int]:
 
 
 def default_forward(model, x: "torch.Tensor", attention_mask: "torch.Tensor", step: dict) -> "torch.Tensor":
-    return logits(model, x, attention_mask)
+    return logits(model, x, attention_mask, step.get("shift", 0))
 
 
 def sample(model, prompt: "torch.Tensor", attention_mask: "torch.Tensor", sampling: Sampling, mask_id: int,
-           forward: Callable = default_forward, observe: Callable[[dict], None] | None = None) -> "torch.Tensor":
+           forward: Callable = default_forward, observe: Callable[[dict], None] | None = None,
+           shift: int = 0) -> "torch.Tensor":
     """Prompt (left-padded rows) + generated response, (B, Lp + gen_length), by low-confidence remasking.
 
     `forward(model, x, attention_mask, step)` returns the logits of one step; `step` carries the block, the
-    step within it and the positions still masked (a cache reads them). With `threshold`, every masked
-    position of the block whose confidence exceeds it is unmasked too (at least the top one: Fast-dLLM's
-    parallel decoding). `observe(step)` receives each step's record after it ran (`unmasked`: positions fixed)."""
+    step within it, the positions still masked (a cache reads them) and the model's logit `shift`. With
+    `threshold`, every masked position of the block whose confidence exceeds it is unmasked too (at least the
+    top one: Fast-dLLM's parallel decoding). `observe(step)` receives each step's record after it ran (`unmasked`: positions fixed)."""
     import torch
 
     sampling.validate()
@@ -167,7 +186,7 @@ def sample(model, prompt: "torch.Tensor", attention_mask: "torch.Tensor", sampli
             masked_now = x == mask_id
             if not masked_now[:, lo:hi].any():
                 break
-            step = {"block": k, "index": i, "lo": lo, "hi": hi, "masked": masked_now}
+            step = {"block": k, "index": i, "lo": lo, "hi": hi, "masked": masked_now, "shift": shift}
             out = forward(model, x, mask, step).float()
             out[..., mask_id] = NEG  # [MASK] is never a prediction
             probs = out.softmax(-1)
@@ -206,6 +225,7 @@ def generate_hook(sampling_key: str = "sampling") -> Callable:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return sample(subject.model, input_ids, attention_mask, sampling, extra["mask_id"],
-                      forward=extra.get("forward") or default_forward, observe=extra.get("observe"))
+                      forward=extra.get("forward") or default_forward, observe=extra.get("observe"),
+                      shift=extra.get("shift", 0))
 
     return generate
