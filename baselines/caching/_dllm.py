@@ -175,6 +175,13 @@ def full_pass(model, ids: "torch.Tensor", attention_mask: "torch.Tensor", caches
     return head(model, h[:, lo:hi])
 
 
+def logit_rows(step: dict) -> tuple[int, int]:
+    """The network rows whose logits predict the current block's tokens lo..hi: the block itself, or with the
+    model's logit shift (`tasks._kit.dllm.shifted`, Dream) the rows one to the left."""
+    shift = step.get("shift", 0)
+    return step["lo"] - shift, step["hi"] - shift
+
+
 def padded_logits(block: "torch.Tensor", length: int, lo: int) -> "torch.Tensor":
     """A (B, L, V) logits tensor holding `block`'s rows at lo..lo+n and zeros elsewhere: the sampler reads only
     the current block's positions (the others' confidences are set to -inf before any choice)."""

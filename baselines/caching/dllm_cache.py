@@ -25,7 +25,9 @@ s = 0 is a full pass. The cache holds K, V, AttnOut, FFNOut per layer and positi
 last computed at (`LayerCache.step`); the cached V the next V-verify compares with is that of the token's last
 recomputation (only U's V is written: the d2Cache re-implementation writes every response token's fresh V, we
 follow the paper's algorithm, which updates the selected tokens' features). Logits are computed for the current
-block only (the sampler reads nothing else); the reference computes them everywhere.
+block only (the sampler reads nothing else; with the model's logit shift, from the rows one to the left, the
+first of them the last position before the block, as read from the cache); the reference computes them
+everywhere.
 
 Left out: the paper's classifier-free-guidance cache (`cfg_interval`: the references here sample without guidance)
 and its Dream-specific hooks; batch rows share one schedule, as in the authors' code.
@@ -96,7 +98,7 @@ class CachedForward:
         decoder, _ = _dllm.llama_parts(model)
         self.layers = layers = len(decoder.layers)
         if refresh_prompt and refresh_response:
-            out = _dllm.full_pass(model, x, attention_mask, self.caches, s, rows=(step["lo"], step["hi"]))
+            out = _dllm.full_pass(model, x, attention_mask, self.caches, s, rows=_dllm.logit_rows(step))
             self.counts.add(n * layers, n * layers, full=True)
         else:
             out = self.partial(model, x, attention_mask, s, lp, refresh_prompt, refresh_response, step)
@@ -144,7 +146,8 @@ class CachedForward:
             c.step = c.step.scatter(1, idx, torch.full_like(idx, s))
             recomputed += idx.shape[1]
         self.counts.add(recomputed, n * len(self.caches.layers), full=False)
-        return _dllm.head(model, h[:, step["lo"]:step["hi"]])
+        lo, hi = _dllm.logit_rows(step)
+        return _dllm.head(model, h[:, lo:hi])
 
     def stats(self) -> dict[str, float]:
         out = self.counts.as_dict(self.layers)

@@ -27,8 +27,11 @@ right, each over several steps).
    then ends as soon as it has no masked position, so the sampler is given one step per position
    (steps = gen_length) and stops early: the network calls made are the statistics' `steps_per_sequence`.
 
-Logits are computed for the current block only (the sampler reads nothing else). With `cache=none` and threshold
-1 (no confidence clears 1: one token per step) this is the reference sampler exactly.
+Logits are computed for the current block only (the sampler reads nothing else). With the model's logit shift
+(Dream: position i - 1 predicts token i), the recomputed rows start one position earlier, at the last position
+before the block, whose query attends to the cache like the block's (our choice: the paper describes the
+unshifted LLaDA case, and that row is the one that predicts the block's first token). With `cache=none` and
+threshold 1 (no confidence clears 1: one token per step) this is the reference sampler exactly.
 
 Left out: the paper's factor-based parallel rule (a variant of the threshold rule in its appendix) and its
 batching/bf16 serving optimisations; the suffix in prefix mode is recomputed at every step, as in the authors'
@@ -91,11 +94,12 @@ class BlockCachedForward:
             self.counts.add(n * layers, n * layers, full=True)
             return dllm.default_forward(model, x, attention_mask, step)
         if step["index"] == 0:  # the block's first step: a full pass refreshes every layer's K/V
-            out = _dllm.full_pass(model, x, attention_mask, self.caches, step["block"], rows=(lo, hi))
+            out = _dllm.full_pass(model, x, attention_mask, self.caches, step["block"], rows=_dllm.logit_rows(step))
             self.counts.add(n * layers, n * layers, full=True)
-        else:
-            out = self.block_pass(model, x, attention_mask, lo, hi if self.cache == "dual" else n)[:, :hi - lo]
-            self.counts.add((hi - lo if self.cache == "dual" else n - lo) * layers, n * layers, full=False)
+        else:  # the block (from one position earlier with the logit shift: its row predicts the block's first)
+            start, end = _dllm.logit_rows(step)[0], hi if self.cache == "dual" else n
+            out = self.block_pass(model, x, attention_mask, start, end)[:, :hi - lo]
+            self.counts.add((end - start) * layers, n * layers, full=False)
         if self.on_call is not None:
             self.on_call(self.caches, step)
         return _dllm.padded_logits(out, n, lo)

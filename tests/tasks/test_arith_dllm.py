@@ -34,6 +34,16 @@ def test_the_mask_predictor_sees_both_ways_and_ignores_padding():
         torch.testing.assert_close(dllm.logits(model, padded, mask)[:, 3:], dllm.logits(model, x))
 
 
+def test_the_logit_shift_reads_token_i_at_position_i_minus_1():
+    model = tiny_model()
+    x = torch.randint(0, MASK, (2, 7))
+    with torch.no_grad():
+        plain, shifted = dllm.logits(model, x), dllm.logits(model, x, shift=1)
+    torch.testing.assert_close(shifted[:, 1:], plain[:, :-1])
+    with pytest.raises(ValueError, match="must be 0 .* or 1"):
+        dllm.shifted(plain, 2)
+
+
 def test_the_loss_equals_its_definition_on_a_hand_made_batch():
     """-(1 / (t L')) sum over masked response tokens of log p(token), averaged over rows, by hand."""
     logits = torch.randn(2, 5, 7)

@@ -20,10 +20,11 @@ def tiny_model(seed: int = 0, layers: int = 2):
                                         num_key_value_heads=2)).eval()
 
 
-def tiny_subject(seed: int = 0, sampling: dllm.Sampling = SAMPLING):
+def tiny_subject(seed: int = 0, sampling: dllm.Sampling = SAMPLING, shift: int = 0):
+    """A subject as the task's `prepare` makes it; `shift` 1 reads token i's logits at position i - 1 (Dream)."""
     from tasks.base import Subject
 
-    return Subject(tiny_model(seed), "diffusion-lm", {"sampling": sampling, "mask_id": MASK,
+    return Subject(tiny_model(seed), "diffusion-lm", {"sampling": sampling, "mask_id": MASK, "shift": shift,
                                                       "generate": dllm.generate_hook()})
 
 

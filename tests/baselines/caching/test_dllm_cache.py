@@ -41,15 +41,29 @@ def test_the_layer_walk_with_nothing_cached_equals_the_models_logits():
     assert len(caches.layers) == 3 and caches.layers[0].k.shape == (2, 2, 11, 8)
 
 
-@pytest.mark.parametrize("seed, sampling", [(0, SAMPLING), (1, dllm.Sampling(gen_length=16, steps=8, block_length=4))])
-def test_both_intervals_1_reproduce_the_reference_bit_for_bit(seed, sampling):
-    subject = tiny_subject(seed, sampling)
+@pytest.mark.parametrize("seed, sampling, shift", [(0, SAMPLING, 0), (0, SAMPLING, 1),
+                                                   (1, dllm.Sampling(gen_length=16, steps=8, block_length=4), 0)])
+def test_both_intervals_1_reproduce_the_reference_bit_for_bit(seed, sampling, shift):
+    subject = tiny_subject(seed, sampling, shift)
     applied = cached(subject, prompt_interval=1, response_interval=1)
     for n in (3, 6):
         prompt = torch.randint(0, MASK, (1, n))
         assert torch.equal(generate(applied.subject, prompt), generate(subject, prompt))
     stats = applied.stats()
     assert stats["full_calls"] == stats["network_calls"] == 2 * sampling.steps and stats["cache_hit_share"] == 0
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_partial_steps_recomputing_everything_give_the_references_answers(shift):
+    """Response interval 2 with update ratio 1 and the prompt refreshed every step: the partial path recomputes
+    every position, so the answers are the reference's; with Dream's shift the logits come from the rows one to
+    the left (the first of them the prompt's last position), which this would catch if they did not."""
+    subject = tiny_subject(2, SAMPLING, shift)
+    applied = cached(subject, prompt_interval=1, response_interval=2, update_ratio=1.0)
+    for n in (3, 6):
+        prompt = torch.randint(0, MASK, (1, n))
+        assert torch.equal(generate(applied.subject, prompt), generate(subject, prompt))
+    assert applied.stats()["full_calls"] < applied.stats()["network_calls"]
 
 
 def run_recorded(cfg: DLLMCacheConfig, prompt_length: int = 6, seed: int = 0):

@@ -25,9 +25,10 @@ def fast(subject, **cfg):
     return FastDLLM(FastDLLMConfig(control=False, **cfg)).apply(subject, None, None)
 
 
-@pytest.mark.parametrize("seed, sampling", [(0, SAMPLING), (1, dllm.Sampling(gen_length=16, steps=16, block_length=4))])
-def test_no_cache_and_threshold_1_reproduce_the_reference_bit_for_bit(seed, sampling):
-    subject = tiny_subject(seed, sampling)
+@pytest.mark.parametrize("seed, sampling, shift", [(0, SAMPLING, 0), (0, SAMPLING, 1),
+                                                   (1, dllm.Sampling(gen_length=16, steps=16, block_length=4), 0)])
+def test_no_cache_and_threshold_1_reproduce_the_reference_bit_for_bit(seed, sampling, shift):
+    subject = tiny_subject(seed, sampling, shift)
     applied = fast(subject, cache="none", threshold=1.0)
     for n in (3, 6):
         prompt = torch.randint(0, MASK, (1, n))
@@ -48,6 +49,23 @@ def test_the_block_pass_over_an_unchanged_sequence_equals_the_full_pass(cache):
         _dllm.full_pass(model, ids, mask, forward.caches)
         out = forward.block_pass(model, ids, mask, 6, 10 if cache == "dual" else 14)
     torch.testing.assert_close(out[:, :4], ref[:, 6:10])
+
+
+def test_with_the_logit_shift_the_block_pass_starts_one_row_earlier():
+    """Dream's shift: token i's logits are row i - 1's, so the cached forward recomputes the row before the block;
+    over an unchanged sequence its logits for the block are the shifted full pass's, and the first step's too."""
+    model = tiny_model(layers=3)
+    ids = torch.randint(0, MASK + 1, (1, 14))
+    mask = torch.ones_like(ids)
+    forward = BlockCachedForward("dual")
+    step = {"block": 0, "index": 0, "lo": 6, "hi": 10, "shift": 1}
+    with torch.no_grad():
+        ref = dllm.logits(model, ids, mask, shift=1)
+        first = forward(model, ids, mask, step)
+        later = forward(model, ids, mask, {**step, "index": 1})
+    torch.testing.assert_close(first[:, 6:10], ref[:, 6:10])
+    torch.testing.assert_close(later[:, 6:10], ref[:, 6:10])
+    assert forward.counts.recomputed == (14 + 5) * 3  # the full pass, then the block and the row before it
 
 
 def test_later_steps_read_the_kv_of_the_blocks_first_step():
