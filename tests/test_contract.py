@@ -47,7 +47,8 @@ def test_every_task_of_a_kind_offers_the_same_capabilities():
     """An embedded task and the full task of its kind declare the same capabilities, so every method that runs
     on one runs on the other through the same path."""
     caps = {s.name: {c for c in api.CAPABILITIES if api.offers(s.cls, c)} for s in TASKS}
-    pairs = [("arith", "gsm8k"), ("arith-nli", "glue-sst2"), ("arith-nli", "glue-mnli"), ("digits", "cifar10")]
+    pairs = [("arith", "gsm8k"), ("arith-nli", "glue-sst2"), ("arith-nli", "glue-mnli"), ("digits", "cifar10"),
+             ("arith-dllm", "gsm8k-dllm")]
     for a, b in pairs:
         if a in caps and b in caps:
             assert caps[a] == caps[b], (a, sorted(c.__name__ for c in caps[a]), b, sorted(c.__name__ for c in caps[b]))
