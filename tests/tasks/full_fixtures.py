@@ -1,7 +1,7 @@
-"""Offline stand-ins for the full language tasks (`gsm8k`, `glue-sst2`, `glue-mnli`), shared by the method tests
-that run end to end on them: fixture files in the real formats, train splits included (pruning calibrates on
-them, distillation trains on them), tiny random models, and the environment variables that point the tasks at
-them. Built from the task tests' own fixture writers (`test_gsm8k`, `test_glue`)."""
+"""Offline stand-ins for the full language tasks (`gsm8k`, `gsm8k-dllm`, `glue-sst2`, `glue-mnli`), shared by the
+method tests that run end to end on them: fixture files in the real formats, train splits included (pruning
+calibrates on them, distillation trains on them), tiny random models, and the environment variables that point the
+tasks at them. Built from the task tests' own fixture writers (`test_gsm8k`, `test_gsm8k_dllm`, `test_glue`)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ from typing import Iterator
 import pytest
 import test_glue as glue_fixtures
 import test_gsm8k as gsm8k_fixtures
+import test_gsm8k_dllm as gsm8k_dllm_fixtures
 
 
 @contextlib.contextmanager
 def full_task_env(root: Path, separate_draft: bool) -> Iterator[Path]:
     """Write the fixtures under `root` and set the tasks' environment while the context is open. The gsm8k
     reference is a 2-layer Llama of width 32; its draft is the same model, or with `separate_draft` a 1-layer
-    Llama of width 16 (a student smaller than its teacher)."""
-    from tasks import glue, gsm8k
+    Llama of width 16 (a student smaller than its teacher). The gsm8k-dllm reference is a 2-layer Llama of width
+    32 with one more row, its config's mask_token_id, on the same tokenizer and data."""
+    from tasks import glue, gsm8k, gsm8k_dllm
     from tasks._kit import lm
 
     data = root / "gsm8k"
@@ -35,6 +37,7 @@ def full_task_env(root: Path, separate_draft: bool) -> Iterator[Path]:
     if separate_draft:
         draft = root / "draft"
         gsm8k_fixtures.save_llama(draft, tok, hidden=16, layers=1, seed=1)
+    gsm8k_dllm_fixtures.save_mask_llama(root / "dllm-reference", tok)
 
     g = root / "glue"
     sst2, mnli = glue_fixtures.SST2_ROWS, glue_fixtures.MNLI_ROWS
@@ -54,6 +57,9 @@ def full_task_env(root: Path, separate_draft: bool) -> Iterator[Path]:
         mp.setenv(gsm8k.DATA_ENV, str(data))
         mp.setenv(gsm8k.REFERENCE_ENV, str(root / "reference"))
         mp.setenv(gsm8k.DRAFT_ENV, str(draft))
+        mp.setenv(gsm8k_dllm.REFERENCE_ENV, str(root / "dllm-reference"))
+        mp.delenv(gsm8k_dllm.TRUST_ENV, raising=False)
+        mp.delenv(gsm8k_dllm.SHIFT_ENV, raising=False)
         mp.setenv(glue.DATA_ENV, str(g))
         mp.setenv(glue.SST2.reference_env, str(root / "sst2"))
         mp.setenv(glue.MNLI.reference_env, str(root / "mnli"))

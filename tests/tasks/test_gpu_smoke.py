@@ -2,8 +2,8 @@
 
     pytest -m gpu tests/tasks/test_gpu_smoke.py            (BENCH_SMOKE_PROFILE=<profile> to choose one)
 
-Every full task (gsm8k, glue-sst2, glue-mnli, cifar10, imagenet-fid, coco) runs at `--budget smoke` through the
-runner, on tiny local models and data files written here by the task tests' own fixture writers (nothing is
+Every full task (gsm8k, gsm8k-dllm, glue-sst2, glue-mnli, cifar10, imagenet-fid, coco) runs at `--budget smoke`
+through the runner, on tiny local models and data files written here by the task tests' own fixture writers (nothing is
 downloaded), under the GPU profile that matches the machine: devices, dtypes, per-image generators, the timing's
 synchronisation, the per-arm memory counter, MACs and the record are all exercised on CUDA in minutes. Each pairs
 the task with a method that uses its device path (speculative decoding's draft, a trained student, a feature
@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # for the fixture writers, under --import-mode=importlib too
 
 PAIRS = [("gsm8k", "speculative"), ("glue-sst2", "none"), ("glue-mnli", "none"), ("cifar10", "kd"),
-         ("imagenet-fid", "taylorseer"), ("coco", "deepcache")]
+         ("imagenet-fid", "taylorseer"), ("coco", "deepcache"), ("gsm8k-dllm", "dllm-steps")]
 
 
 def gpu_profile() -> str:

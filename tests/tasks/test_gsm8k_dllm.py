@@ -19,7 +19,7 @@ from bench.profiles import load_profile  # noqa: E402
 from bench.progress import Reporter  # noqa: E402
 from bench.registry import get_task_spec  # noqa: E402
 from tasks import gsm8k, gsm8k_dllm  # noqa: E402
-from tasks._kit import dllm, lm  # noqa: E402
+from tasks._kit import dllm, lm, pretrained  # noqa: E402
 from tasks.base import RunContext  # noqa: E402
 from tasks.gsm8k_dllm import GSM8KDLLM  # noqa: E402
 
@@ -238,3 +238,66 @@ def test_dllm_steps_runs_on_gsm8k_dllm(env, results_root):
     assert r.method_stats["steps"] == 8 and r.method_stats["reference_steps"] == 16
     assert r.method_stats["tokens_unmasked_per_step"] == pytest.approx(2.0)
     assert r.method_stats["network_calls"] == 8 * gsm8k.SMOKE_EVAL_SIZE  # the evaluation's, 8 steps a problem
+
+
+# ---- a remote-code checkpoint, loaded with the opt-in ----------------------------------------------------------
+
+REMOTE_MODELING = '''\
+"""A tiny stand-in for LLaDA's modeling_llada.py: a mask predictor that is bidirectional by its own code and
+takes the 2-D padding mask, as LLaDAModelLM does."""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class TinyDLLMConfig(LlamaConfig):
+    model_type = "tiny-dllm"
+
+
+class TinyDLLM(LlamaForCausalLM):
+    config_class = TinyDLLMConfig
+    calls_2d = 0
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 2:
+            type(self).calls_2d += 1
+            keys = attention_mask[:, None, None, :].bool().expand(-1, 1, input_ids.shape[1], -1)
+            dtype = self.lm_head.weight.dtype
+            attention_mask = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill(
+                ~keys, torch.finfo(dtype).min)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+'''
+
+
+def test_a_remote_code_checkpoint_loads_with_the_opt_in_and_samples_through_its_own_forward(task, reference, env,
+                                                                                            tmp_path, monkeypatch):
+    """The plain reference's weights saved as a remote-code checkpoint (an auto_map naming the folder's own
+    modeling file): with BENCH_TRUST_REMOTE_CODE=1 it loads through AutoModel, the subject's forward is
+    `remote_forward` (the model's own 2-D mask), and the sampler writes the same answer as the kit's 4-D-mask
+    path on the plain Llama: both are the same bidirectional network."""
+    folder = tmp_path / "tinydllm"
+    reference.model.save_pretrained(folder)
+    env["tok"].save_pretrained(folder)
+    (folder / "modeling_tinydllm.py").write_text(REMOTE_MODELING)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="tiny-dllm", architectures=["TinyDLLM"],
+               auto_map={"AutoConfig": "modeling_tinydllm.TinyDLLMConfig", "AutoModel": "modeling_tinydllm.TinyDLLM"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv(gsm8k_dllm.REFERENCE_ENV, str(folder))
+    monkeypatch.setenv(gsm8k_dllm.TRUST_ENV, "1")
+    assert GSM8KDLLM().preflight(context()) == []
+    t = GSM8KDLLM()
+    t.load(context())
+    w = t.reference_weights(context())
+    remote = t.subject_from_state(w.state, context())
+    assert type(remote.model).__name__ == "TinyDLLM"  # the folder's own class (transformers_modules.*)
+    assert type(remote.model).__module__.startswith("transformers_modules")
+    assert remote.extra["forward"] is gsm8k_dllm.remote_forward and remote.extra["mask_id"] == task.mask_id
+    assert w.sha256 == pretrained.state_sha256(reference.model.state_dict())  # the same weights, hashed as loaded
+    prompt = t.workload_contexts(context())[0]
+    ids = t.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    before = type(remote.model).calls_2d
+    with torch.inference_mode():
+        a = lm.generate_ids(remote, ids, gsm8k.MAX_GEN_TOKS)
+        b = lm.generate_ids(reference, ids, gsm8k.MAX_GEN_TOKS)
+    assert type(remote.model).calls_2d - before == 16  # every sampler step through the model's own 2-D mask
+    assert torch.equal(a, b)
