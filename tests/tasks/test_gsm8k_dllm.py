@@ -146,6 +146,14 @@ def test_remote_code_is_refused_without_the_opt_in(env, tmp_path, monkeypatch):
     assert cls.__name__ == "AutoModel" and kwargs == {"trust_remote_code": True}
 
 
+def test_the_fingerprint_follows_the_shift(task, env, monkeypatch):
+    monkeypatch.setenv(gsm8k_dllm.SHIFT_ENV, "1")
+    shifted = GSM8KDLLM()
+    shifted.load(context())
+    assert shifted.logit_shift == 1 and len(task.data_fingerprint()) == 64
+    assert shifted.data_fingerprint() != task.data_fingerprint()  # a cached reference evaluation is not reused
+
+
 def test_a_bad_shift_setting_is_refused_by_name(env, monkeypatch):
     monkeypatch.setenv(gsm8k_dllm.SHIFT_ENV, "2")
     assert any(gsm8k_dllm.SHIFT_ENV in p for p in GSM8KDLLM().preflight(context()))
