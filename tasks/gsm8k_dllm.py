@@ -13,8 +13,8 @@ registry: 5-shot, few-shot seed 1234, `Question: ...\\nAnswer:` prompts, stop st
 `<|im_end|>`, strict-match exact match; the hub's openai/gsm8k or `BENCH_GSM8K_DATA=<folder>` of
 train.jsonl/test.jsonl; the same evaluation sizes: all 1,319 problems on a GPU profile, the first
 `gsm8k.CPU_EVAL_SIZE` on a CPU profile, `gsm8k.SMOKE_EVAL_SIZE` under `--budget smoke`). No chat template is
-applied, as in `gsm8k` (lm-eval's default; LLaDA's own GSM8K number is the Base model's 5-shot lm-eval one, so the
-Instruct model's score here is what this prompt gives it, not a reproduction of a paper row).
+applied, as in `gsm8k` (lm-eval's default), so the Instruct model's score here is what this prompt gives it, not
+a reproduction of a row of the LLaDA paper (whose evaluation settings differ per model).
 
 The reference: `BENCH_GSM8K_DLLM_REFERENCE` (default `GSAI-ML/LLaDA-8B-Instruct`; a local Hugging Face folder or a
 hub id, `org/name@revision` pins one; `tasks._kit.pretrained`), hashed as loaded (`reference_canonical` False).
@@ -55,8 +55,8 @@ calls (sampler steps), the unit a dLLM's cost is counted in.
 Estimated cost on one H100 in bf16 (NOT measured: no GPU or download where this was written): a 5-shot prompt is
 about 900 tokens, so each step is one bidirectional pass of 8 B parameters over ~1,150 positions, ~2 x 8e9 x 1,150
 = 1.8e13 FLOPs, about 40-60 ms at 300-450 TFLOP/s; 256 steps make 10-15 s a problem, so a full evaluation
-(1,319 problems) takes roughly 4-6 hours per arm (Fast-dLLM reports LLaDA's baseline at about 6-7 tokens/s on an
-A100 at this setting, the same order). The weights take 16 GB in bf16.
+(1,319 problems) takes roughly 4-6 hours per arm (Fast-dLLM's GSM8K table puts LLaDA's baseline at this setting
+in single-digit tokens per second on an A100, the same order). The weights take 16 GB in bf16.
 """
 
 from __future__ import annotations
