@@ -108,6 +108,19 @@ class DiffusionExtra(TypedDict, total=False):
     decode: Callable[["torch.Tensor"], "torch.Tensor"]  # latents -> images (latent diffusion)
 
 
+class VisionLanguageExtra(TypedDict, total=False):
+    """A vision-language model's procedure (LLaVA-style: `<image>` positions in `input_ids` replaced by projected
+    patch features), what a visual-token method reads without naming the task (see tasks/digits_vlm.py)."""
+    tokenizer: Any
+    stop: Any  # tasks._kit.lm.StopRule
+    image_token_id: int  # input_ids == image_token_id marks the visual positions, image after image
+    tokens_per_image: int
+    num_layers: int  # decoder layers: "after layer K" for K in 0..num_layers (num_layers keeps every token)
+    # (subject, input_ids 1 x L, pixel_values, max_new_tokens) -> ids, prompt included: replaces model.generate
+    generate: Callable[..., "torch.Tensor"]
+    calibration: Callable[[int, int], list]  # (n, seed) -> n training questions as (input_ids, pixel_values)
+
+
 class ClassifierExtra(TypedDict, total=False):
     """A classifier's procedure: an encoder task's tokenizer, when it has one."""
     tokenizer: Any
@@ -119,7 +132,8 @@ class Subject:
 
     model: "torch.nn.Module"
     kind: str  # the task's modality
-    extra: LMExtra | DiffusionExtra | ClassifierExtra = field(default_factory=dict)  # type: ignore[assignment]
+    extra: LMExtra | DiffusionExtra | ClassifierExtra | VisionLanguageExtra = field(  # type: ignore[assignment]
+        default_factory=dict)
 
 
 @dataclass

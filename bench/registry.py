@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 FAMILIES = ("distillation", "caching", "pruning", "decoding", "none")
-MODALITIES = ("image-classification", "causal-lm", "text-classification", "image-generation", "diffusion-lm")
+MODALITIES = ("image-classification", "causal-lm", "text-classification", "image-generation", "diffusion-lm",
+              "vision-language")
 TIERS = ("embedded", "full")
 
 T = TypeVar("T")

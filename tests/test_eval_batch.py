@@ -30,7 +30,7 @@ def test_cpu_profiles_keep_their_evaluation_batches():
         p = load_profile(name)
         assert {m: p.eval_batch_for(m) for m in p.batch_size} == {
             "image-classification": 64, "text-classification": 32, "causal-lm": 1, "image-generation": 100,
-            "diffusion-lm": 1}
+            "diffusion-lm": 1, "vision-language": 1}
 
 
 @pytest.mark.parametrize("name", GPU_PROFILES)

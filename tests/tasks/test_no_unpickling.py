@@ -93,7 +93,7 @@ def load_all(name: str, draft: bool = False):
 # ---- every task's loaders, guarded ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, draft", [("digits", False), ("digits-gen", False), ("digits-gen-dit", False),
-                                         ("arith", True), ("arith-nli", False)])
+                                         ("arith", True), ("arith-nli", False), ("digits-vlm", False)])
 def test_embedded_tasks_load_without_unpickling(no_unpickling, name, draft):
     task, _, ctx = load_all(name, draft)
     if name.startswith("digits-gen"):
