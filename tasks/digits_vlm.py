@@ -389,6 +389,7 @@ class DigitsVLM(Task):
                 text = tok.decode([t for t in out if t not in subject.extra["stop"].eos_ids]).strip()
                 scores[i] = float(text == q["answer"])
         ctx.progress.log(f"digits-vlm exact match {scores.mean():.4f}, n = {n}")
+        # no `contexts`: bench.divergence re-runs a causal LM on token ids alone, and these answers need their images
         return Evaluation(float(scores.mean()), scores, outputs, metrics={
             f"exact_match_{k}": float(np.mean([s for s, q in zip(scores, self.test) if q["kind"] == k]))
             for k, _, _ in KINDS if any(q["kind"] == k for q in self.test[:n])})
