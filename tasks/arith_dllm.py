@@ -6,18 +6,20 @@ answer, so the autoregressive KV cache does not apply (`tasks._kit.dllm` derives
 
 Data, tokenizer and scoring are `arith`'s: the same 20,000 generated training problems and arithmetic drills,
 the same byte-level BPE tokenizer (hash-checked by `arith`) with one [MASK] id appended, and the same lm-eval
-task (exact match, `#### <n>`, zero-shot) on the same 500 test problems, through the same generation hook, so
-the number compares with `arith`'s autoregressive reference (61.0%).
+task (exact match, `#### <n>`, zero-shot) on the first `EVAL_SIZE` of the same test problems, through the same
+generation hook, so the number compares with `arith`'s autoregressive reference (61.0% on all 500).
 
 The reference: transformers' `LlamaForCausalLM` of `arith`'s reference shape (hidden 192, 4 layers) with the
 causal mask removed and a vocabulary one larger, trained by LLaDA's SFT loss (`tasks._kit.dllm`): every answer is
 followed by end-of-text padding to `GEN_LENGTH` tokens, masked and trained as ordinary tokens. It starts from
 `arith`'s published autoregressive reference and predicts token i at position i - 1 (Dream's adaptation of an AR
 model, `SHIFT` = 1; the [MASK] row of the embedding and head is the seeded initialisation's). Why: trained from
-scratch by LLaDA's recipe for arith's 3,000 steps (21 minutes quiet), the model answered 0 of the first 60 test
-problems; adapted from the AR reference, 800 steps already answered 3 of 60 (5%), against 0 of 60 for the same
-adaptation without the shift (the head then has to learn a new meaning). Masked diffusion needs far more training
-than an AR model to reach the same likelihood, which 2 cores cannot give. It is sampled with
+scratch by LLaDA's recipe for arith's 3,000 steps, the model answered 0 of the first 60 test problems; adapted
+from the AR reference, 800 steps already answered 3 of 60 (5%), against 0 of 60 for the same adaptation without
+the shift (the head then has to learn a new meaning). Masked diffusion needs far more training than an AR model
+to reach the same likelihood, which 2 cores cannot give. The published reference: 3,000 steps in 4,002 s on a
+machine shared with two other jobs (over the 30 minutes the issue asks for; not timed quietly), final loss 0.153,
+7 of the first 60 test problems right (the records hold lm-eval's number on `EVAL_SIZE`). It is sampled with
 `GEN_LENGTH` positions in blocks of `BLOCK_LENGTH`, one token per step (`STEPS` = `GEN_LENGTH`; LLaDA's GSM8K
 setting is the same: as many steps as tokens, semi-autoregressive blocks).
 
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     import torch
 
 ART = ARTIFACTS / "arith-dllm"
-REFERENCE_SHA256: str | None = None  # set when `bench reference build arith-dllm --publish` has published it
+REFERENCE_SHA256: str | None = "7f2c83a2edd2902cf5c9cdc3796ba6a3df51078de4afd091d33c05c5eaa7bace"
 
 ARCH = LMArch(hidden=192, layers=4, heads=3, intermediate=768)  # arith's reference shape
 RECIPE = LMRecipe(epochs=1.6, lr=1e-3, batch_size=32)  # 3,000 steps over problems + drills (arith's), half its
@@ -50,7 +52,7 @@ MASK_EPS = 1e-3  # LLaDA's forward_process floor on the masking probability
 GEN_LENGTH = 112  # answer positions: the longest training answer is 101 tokens with its end-of-text
 BLOCK_LENGTH = 16  # semi-autoregressive blocks of the reference's sampler (7 of them)
 STEPS = GEN_LENGTH  # one token unmasked per step
-EVAL_SIZE = 500  # test problems lm-eval scores (all of them)
+EVAL_SIZE = 200  # test problems lm-eval scores (the first 200 of 500: each is 112 network calls)
 SMOKE_EVAL_SIZE = 4
 WORKLOAD_SIZE = 4  # test questions answered per timed call (each is STEPS network calls)
 SMOKE_WORKLOAD_SIZE = 1
