@@ -196,34 +196,13 @@ class ArithDLLM(Task, TrainingRows, Tokenizer):
         return "identical_answer_tokens", float(same.mean())
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
-        import torch
+        from tasks._kit import dllm, lm, lm_harness
 
-        from tasks._kit import lm, lm_harness
-
-        tok = subject.extra["tokenizer"]
         n = ctx.budget.pick(WORKLOAD_SIZE, SMOKE_WORKLOAD_SIZE)
         prompts = [lm.prompt_of(p["question"]) for p in self.arith.test[:n]]
-        batches = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(ctx.device)
-                   for p in prompts]
-        calls = [0]
-        inner = subject.extra.get("observe")
-
-        def counting(step: dict) -> None:
-            calls[0] += 1
-            if inner is not None:
-                inner(step)
-
-        def run(observe=None) -> list["torch.Tensor"]:
-            subject.extra["observe"] = observe or inner
-            try:
-                with torch.inference_mode():
-                    return [lm.generate_ids(subject, ids, lm_harness.MAX_GEN_TOKS) for ids in batches]
-            finally:
-                subject.extra["observe"] = inner
-
-        run(counting)  # once, to count the network calls (and as a warm-up)
-        return run, calls[0], (f"seconds to answer {n} test questions one at a time ({calls[0]} sampler steps, "
-                               f"each one network call; items are steps)")
+        run, calls = dllm.step_workload(subject, prompts, ctx.device, lm_harness.MAX_GEN_TOKS)
+        return run, calls, (f"seconds to answer {n} test questions one at a time ({calls} sampler steps, "
+                            f"each one network call; items are steps)")
 
 
 def pad_answers(examples, eos: int, length: int = GEN_LENGTH):

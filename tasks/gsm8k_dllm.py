@@ -313,30 +313,9 @@ class GSM8KDLLM(Pretrained, Task, TrainingRows, Tokenizer):
         return "identical_answer_tokens", float(same.mean())
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
-        import torch
+        from tasks._kit import dllm
 
-        from tasks._kit import lm
-
-        tok = subject.extra["tokenizer"]
         prompts = self.workload_contexts(ctx)
-        batches = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(ctx.device)
-                   for p in prompts]
-        calls = [0]
-        inner = subject.extra.get("observe")
-
-        def counting(step: dict) -> None:
-            calls[0] += 1
-            if inner is not None:
-                inner(step)
-
-        def run(observe=None) -> list["torch.Tensor"]:
-            subject.extra["observe"] = observe or inner
-            try:
-                with torch.inference_mode():
-                    return [lm.generate_ids(subject, ids, gsm8k.MAX_GEN_TOKS) for ids in batches]
-            finally:
-                subject.extra["observe"] = inner
-
-        run(counting)  # once, to count the network calls (and as a warm-up)
-        return run, calls[0], (f"seconds to answer lm-eval's 5-shot prompts of {len(prompts)} test problems one at "
-                               f"a time ({calls[0]} sampler steps, each one network call; items are steps)")
+        run, calls = dllm.step_workload(subject, prompts, ctx.device, gsm8k.MAX_GEN_TOKS)
+        return run, calls, (f"seconds to answer lm-eval's 5-shot prompts of {len(prompts)} test problems one at "
+                            f"a time ({calls} sampler steps, each one network call; items are steps)")

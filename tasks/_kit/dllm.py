@@ -229,3 +229,33 @@ def generate_hook(sampling_key: str = "sampling") -> Callable:
                       shift=extra.get("shift", 0))
 
     return generate
+
+
+def step_workload(subject, prompts: list[str], device, max_new_tokens: int) -> tuple[Callable, int]:
+    """A dLLM task's timed workload: (run, network calls per run). `run(observe=None)` answers `prompts` one at a
+    time through the subject's generate hook; it is called once here with a counting `observe` (and as a
+    warm-up), since a dLLM's cost is counted in sampler steps, each one network call."""
+    import torch
+
+    from tasks._kit import lm
+
+    tok = subject.extra["tokenizer"]
+    batches = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device) for p in prompts]
+    calls = [0]
+    inner = subject.extra.get("observe")
+
+    def counting(step: dict) -> None:
+        calls[0] += 1
+        if inner is not None:
+            inner(step)
+
+    def run(observe=None) -> list["torch.Tensor"]:
+        subject.extra["observe"] = observe or inner
+        try:
+            with torch.inference_mode():
+                return [lm.generate_ids(subject, ids, max_new_tokens) for ids in batches]
+        finally:
+            subject.extra["observe"] = inner
+
+    run(counting)
+    return run, calls[0]
