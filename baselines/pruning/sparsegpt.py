@@ -7,6 +7,9 @@ layer-wise problem  min_{M, W'} || W X - (M * W') X ||_2^2  approximately, row b
     H = 2 X X^T  (accumulated in float32 over the calibration tokens),  H <- H + lambda I,
     lambda = dampening * mean(diag(H)),
 
+(the Hessians, the damped inverse Cholesky factor and the layer-by-layer pass are shared with `gptq`, in
+`baselines._hessian`).
+
 Going through the columns j = 1..in in blocks of `block_size` (the paper's 128), with H^-1 the upper Cholesky
 factor of the inverse Hessian (so that its row j holds the inverse Hessian of the columns not yet treated):
   - the mask of a block is chosen at its start from the OBS saliency  w_ij^2 / [H^-1]_jj^2  (the paper's
@@ -57,6 +60,8 @@ def sparsegpt_prune(weight, hessian, sparsity: float, structure: str = "unstruct
     """The pruned and reconstructed weight [out, in] (float32) from the layer's H = 2 X X^T [in, in]."""
     import torch
 
+    from baselines import _hessian
+
     W = weight.detach().clone().float()
     H = hessian.detach().clone().float()
     rows, cols = W.shape
@@ -65,11 +70,8 @@ def sparsegpt_prune(weight, hessian, sparsity: float, structure: str = "unstruct
         raise ValueError(f"{cols} input features do not split into groups of {nm[1]} for {structure} sparsity")
     if nm and block_size % nm[1]:
         block_size = max(nm[1], block_size - block_size % nm[1])  # groups never straddle two blocks
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights can go at no cost
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += dampening * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    _hessian.drop_dead_inputs(W, H)  # inputs that were always zero: their weights can go at no cost
+    Hinv = _hessian.inverse_cholesky(H, dampening)
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
         W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
@@ -97,29 +99,10 @@ def sparsegpt_prune(weight, hessian, sparsity: float, structure: str = "unstruct
 
 def prune_model(model, batches, sparsity: float, structure: str, block_size: int, dampening: float) -> list:
     """SparseGPT over every block of `model` in place; returns the pruned Linear layers."""
-    import torch
+    from baselines import _hessian
 
-    from baselines.pruning import _calib
-
-    pruned = []
-
-    def prune_block(i, block, inputs):
-        linears = _calib.block_linears(block)
-        hess = {n: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
-                for n, lin in linears.items()}
-
-        def consume(name, x):
-            hess[name] += 2 * x.T @ x
-
-        _calib.collect_linear_inputs(block, inputs, consume)
-        with torch.no_grad():
-            for name, lin in linears.items():
-                new = sparsegpt_prune(lin.weight, hess[name], sparsity, structure, block_size, dampening)
-                lin.weight.copy_(new.to(lin.weight.dtype))
-                pruned.append(lin)
-
-    _calib.sequential_blocks(model, batches, prune_block)
-    return pruned
+    return _hessian.layer_by_layer(model, batches, lambda name, lin, hess: sparsegpt_prune(
+        lin.weight, hess, sparsity, structure, block_size, dampening))
 
 
 @register_method("sparsegpt", family="pruning", paper="Frantar and Alistarh, SparseGPT: Massive Language Models "
