@@ -59,3 +59,27 @@ def prompt_ids(arith):
 
     return torch.tensor([arith.tokenizer(lm.prompt_of(arith.test[0]["question"]),
                                          add_special_tokens=False)["input_ids"]])
+
+
+@pytest.fixture(scope="session")
+def digits_vlm():
+    """The digits-vlm task (data, tokenizer) loaded at smoke budget."""
+    from tasks.digits_vlm import DigitsVLM
+
+    task = DigitsVLM()
+    task.load(vlm_context())
+    return task
+
+
+@pytest.fixture(scope="session")
+def vlm_subject(digits_vlm):
+    """digits-vlm's published reference as a subject (0.41M parameters; trained, so its answers vary with the
+    image and a changed forward shows)."""
+    ctx = vlm_context()
+    model = digits_vlm.build_reference()
+    model.load_state_dict(digits_vlm.reference_weights(ctx).state)
+    return digits_vlm.prepare(model, ctx)
+
+
+def vlm_context() -> RunContext:
+    return RunContext.for_profile(load_profile("cpu"), "vision-language", 0, Reporter(), "smoke")
