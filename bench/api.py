@@ -5,7 +5,8 @@
   modality (`LMExtra`, `DiffusionExtra`, `ClassifierExtra`).
 - `Evaluation`: a subject's quality: the value, per-example scores (for paired intervals) and raw outputs.
 - `ReferenceWeights`: the reference's state dict with its sha256 and whether it is the published artifact.
-- `Cost`, `ControlResult`, `TrainingComparison`, `Applied`: what a method's `apply(subject, task, ctx)` returns.
+- `Cost`, `ControlResult`, `TrainingComparison`, `Applied`: what a method's `apply(subject, task, ctx)` returns
+  (a quantization method adds `runtime_low_precision` and `quantization`, the record's `size.quantization`).
 - `Budget`: `full`, or `smoke` (CI's capped run: every training stops after `SMOKE_STEPS` steps).
 - Capabilities: small protocols a task declares by subclassing them (`class Arith(Task, TrainingRows,
   Draft, ...)`), each one method or property. A method names the ones it needs at registration
@@ -217,6 +218,12 @@ class Applied:
     # called once, right after the runner has evaluated the returned subject: they describe the evaluation set
     stats: Callable[[], dict[str, float]] | None = None
     training: TrainingComparison | None = None  # a method that accelerates training, not inference
+    # None: not a quantization method; True only if the timed runtime really executes low-precision kernels
+    # (int8 matmuls), False if it runs dequantized float weights (fake quantization)
+    runtime_low_precision: bool | None = None
+    # a quantization method's settings and storage: {"weight_bits": int, "activation_bits": int | None,
+    # "group_size": int | None, "serialized_bytes": int (the packed size of what would be stored)}
+    quantization: dict | None = None
 
 
 # --- capabilities ------------------------------------------------------------------------------------------

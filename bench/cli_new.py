@@ -26,7 +26,7 @@ new_app = typer.Typer(no_args_is_help=True, help="Generate a new method or task 
 @new_app.command("method")
 def new_method(
     name: Annotated[str, typer.Argument(help="the method's name: lower case, digits and dashes, e.g. my-pruning")],
-    family: Annotated[str, typer.Option(help="distillation, caching, pruning or decoding")],
+    family: Annotated[str, typer.Option(help="distillation, caching, pruning, decoding or quantization")],
     modality: Annotated[Optional[list[str]], typer.Option(help="a modality it supports; repeat "
                                                                 "(default image-classification)")] = None,
     root: Annotated[Optional[Path], typer.Option(help="the project root (default: found from here)")] = None,

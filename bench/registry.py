@@ -14,7 +14,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-FAMILIES = ("distillation", "caching", "pruning", "decoding", "none")
+FAMILIES = ("distillation", "caching", "pruning", "decoding", "quantization", "none")
 MODALITIES = ("image-classification", "causal-lm", "text-classification", "image-generation", "diffusion-lm",
               "vision-language")
 TIERS = ("embedded", "full")

@@ -71,7 +71,7 @@ def _non_finite(value: Any, at: str = "") -> str | None:
 
 class MethodInfo(_M):
     name: str = Field(pattern=_NAME)
-    family: Literal["distillation", "caching", "pruning", "decoding", "none"]
+    family: Literal["distillation", "caching", "pruning", "decoding", "quantization", "none"]
     version: str
     hyperparameters: dict[str, Any]
     paper: str
@@ -250,7 +250,19 @@ class Memory(_M):
 class SizeOf(_M):
     parameters: int = Field(ge=0)
     nonzero_parameters: int = Field(ge=0)
-    bytes: int = Field(ge=0, description="size of the safetensors serialization of the state dict")
+    bytes: int = Field(ge=0, description="size of the safetensors serialization of the state dict (a "
+                       "quantization method's model: its packed size, size.quantization.serialized_bytes)")
+
+
+class Quantization(_M):
+    """A quantization method's precision and storage (family `quantization`)."""
+    weight_bits: int = Field(ge=1, le=32, description="bits of each quantized weight")
+    activation_bits: int | None = Field(None, ge=1, le=32, description="bits activations are quantized to in the "
+                                        "timed runtime (None: they stay in the profile's float dtype)")
+    group_size: int | None = Field(None, ge=1, description="consecutive input columns sharing one scale and zero "
+                                   "(None: one group per output row, or per tensor as the method says)")
+    serialized_bytes: int = Field(ge=0, description="bytes the quantized model would be stored in: codes packed at "
+                                  "weight_bits, a float16 scale and a zero per group, unquantized tensors as they are")
 
 
 class Size(_M):
@@ -258,6 +270,18 @@ class Size(_M):
     method: SizeOf
     sparsity: float = Field(ge=0, le=1, description="share of zero weights in the method's model")
     runtime_exploits_sparsity: bool = Field(description="whether the timed runtime skips the zeros")
+    runtime_low_precision: bool | None = Field(None, description="for a quantization method: whether the timed "
+                                               "runtime really executes low-precision kernels (false: it runs "
+                                               "dequantized float weights); absent for other methods")
+    quantization: Quantization | None = Field(None, description="for a quantization method: its bits, group size "
+                                              "and packed size (absent for other methods)")
+
+    @model_validator(mode="after")
+    def _quantization_both(self) -> "Size":
+        if (self.quantization is None) != (self.runtime_low_precision is None):
+            raise ValueError("a quantization method's size carries both runtime_low_precision and quantization; "
+                             "any other method neither")
+        return self
 
 
 class Compute(_M):

@@ -30,7 +30,8 @@ from bench.tracepaths import relative_paths
 from bench.provenance import config_hash, provenance
 from bench.divergence import analyse as analyse_divergence
 from bench.result import (Compute, Control, Cost, Divergence, ErrorInfo, Fidelity, Interval, MethodInfo, Memory,
-                          ProfileInfo, Quality, Result, Secondary, Size, SizeOf, TaskInfo, Training)
+                          ProfileInfo, Quality, Quantization, Result, Secondary, Size, SizeOf, TaskInfo,
+                          Training)
 from bench.store import DEFAULT_RESULTS, write_result
 from bench.api import Evaluation, RunContext, offers
 
@@ -289,7 +290,7 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
 
     from bench.compiled import backend as compile_backend, compiled_arms
 
-    from bench.measure import count_macs, count_parameters, peak_memory, serialized_bytes
+    from bench.measure import count_macs, peak_memory
     from bench.stats import bootstrap_interval, paired_delta_interval
     from bench.speed import measure_speed, speed_record
 
@@ -339,11 +340,7 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
         ref_mem, measure = peak_memory(reference, ref_fn, ctx.device)  # each arm's own state only
         met_mem, _ = peak_memory(subject, met_fn, ctx.device)
 
-    def size_of(model) -> SizeOf:
-        total, nonzero = count_parameters(model)
-        return SizeOf(parameters=total, nonzero_parameters=nonzero, bytes=serialized_bytes(model))
-
-    ref_size, met_size = size_of(reference.model), size_of(subject.model)
+    ref_size, met_size = model_size(reference.model), model_size(subject.model, applied.quantization)
     sparsity = 1 - met_size.nonzero_parameters / met_size.parameters if met_size.parameters else 0.0
     c = applied.cost
     return dict(
@@ -353,12 +350,34 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
         speed=speed_record(timing, rules, unit, items),
         memory=Memory(measure=measure, reference_peak_bytes=ref_mem, method_peak_bytes=met_mem),
         size=Size(reference=ref_size, method=met_size, sparsity=float(np.clip(sparsity, 0, 1)),
-                  runtime_exploits_sparsity=applied.runtime_exploits_sparsity),
+                  runtime_exploits_sparsity=applied.runtime_exploits_sparsity,
+                  runtime_low_precision=applied.runtime_low_precision,
+                  quantization=Quantization(**applied.quantization) if applied.quantization is not None else None),
         compute=Compute(unit="MACs", reference=count_macs(ref_fn), method=count_macs(met_fn)),
         cost=Cost(seconds=c.seconds, steps=c.steps, samples_seen=c.samples_seen, tokens_seen=c.tokens_seen,
                   description=c.description),
         training=training_record(applied.training),
     )
+
+
+def model_size(model, quantization: dict | None = None) -> SizeOf:
+    """The size block of one arm's model. Weights packed inside torch's quantized modules (`torch.ao` dynamic
+    int8 Linear: no Parameters, an opaque packed object in the state dict) are counted from their `weight()`.
+    A quantization method's bytes are its `serialized_bytes` (the packed size of what it would store), not the
+    state dict of the model it times: that holds dequantized floats (fake quantization) or torch's packed
+    objects, which safetensors cannot write."""
+    import torch
+
+    from bench.measure import count_parameters, serialized_bytes
+
+    total, nonzero = count_parameters(model)
+    for m in model.modules():
+        if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):
+            w = m.weight()
+            w = w.dequantize() if w.is_quantized else w
+            total, nonzero = total + w.numel(), nonzero + int(torch.count_nonzero(w).item())
+    size = quantization["serialized_bytes"] if quantization is not None else serialized_bytes(model)
+    return SizeOf(parameters=total, nonzero_parameters=nonzero, bytes=size)
 
 
 def training_record(t) -> Training | None:

@@ -13,7 +13,7 @@ from bench.formats import (fbytes, fcount, fdelta, fdivergence, ffidelity, fmem,
                            fshare, fspeed)  # one formatter per quantity; static/task.js follows the same rules
 from leaderboard import data as D
 
-FAMILY_ORDER = ("distillation", "caching", "pruning", "decoding", "none")
+FAMILY_ORDER = ("distillation", "caching", "pruning", "decoding", "quantization", "none")
 
 
 def safe_url(u: str | None) -> str:

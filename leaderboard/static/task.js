@@ -9,7 +9,7 @@
   var D = JSON.parse(document.getElementById('lb-data').textContent);
   var ROOT = '../';
   var COLORS = {distillation: '#1f77b4', caching: '#2ca02c', pruning: '#d62728', decoding: '#9467bd',
-                none: '#555555'};
+                quantization: '#ff7f0e', none: '#555555'};
   var $ = function (id) { return document.getElementById(id); };
   var ESC = {'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'};
   function esc(s) { return String(s == null ? '' : s).replace(/[&<>"']/g, function (c) { return ESC[c]; }); }

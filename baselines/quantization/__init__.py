@@ -1,0 +1,1 @@
+"""The quantization family of methods (shared pieces in `_quant`)."""
