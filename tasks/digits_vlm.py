@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Callable
 from bench.registry import register_task
 from tasks.base import ARTIFACTS, Evaluation, RunContext, Subject, Task
 from tasks._kit.lm import LMArch, LMRecipe
+from tasks._kit.vlm import answer_ids  # noqa: F401  (tasks.digits_vlm.answer_ids: shared with textvqa)
 
 if TYPE_CHECKING:
     import torch
@@ -415,24 +416,6 @@ class DigitsVLM(Task):
         run()  # warm-up
         return run, n, (f"seconds to prefill and answer {n} test questions one at a time ({visual} of their {total} "
                         f"prompt tokens visual; items are questions)")
-
-
-def answer_ids(subject: Subject, input_ids: "torch.Tensor", pixel_values: "torch.Tensor",
-               max_new_tokens: int) -> "torch.Tensor":
-    """Greedy answer to one question (batch 1), prompt included, cut by the subject's stop rule. A method's
-    `extra["generate"](subject, input_ids, pixel_values, max_new_tokens)` replaces LLaVA's `generate`."""
-    rule = subject.extra["stop"]
-    tok = subject.extra["tokenizer"]
-    hook = subject.extra.get("generate")
-    if hook is not None:
-        out = hook(subject, input_ids, pixel_values, max_new_tokens)
-    else:
-        import torch
-
-        out = subject.model.generate(input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids),
-                                     do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(rule.eos_ids),
-                                     pad_token_id=tok.pad_token_id, stopping_criteria=rule.criteria(input_ids.shape[1]))
-    return rule.cut_output(out, input_ids.shape[1], tok.pad_token_id)
 
 
 def _sha256(data: bytes) -> str:
