@@ -113,3 +113,27 @@ def packed_bytes(numel: int, bits: int, groups: int, symmetric: bool = False) ->
     codes = math.ceil(numel * bits / 8)
     zeros = 0 if symmetric else math.ceil(groups * bits / 8)
     return codes + groups * SCALE_BYTES + zeros
+
+
+def quantized_model_bytes(model, quantized: dict[str, tuple[int, int, bool]]) -> int:
+    """Bytes the model would be stored in once quantized, computed on its float state dict: each entry of
+    `quantized` (a weight's state-dict key -> (bits, groups, symmetric)) at `packed_bytes`, every other tensor of
+    the state dict at its own dtype's size, each storage once. Tensor data only: a container's header (names,
+    shapes; safetensors writes one) is not counted."""
+    state = model.state_dict()
+    missing = sorted(set(quantized) - set(state))
+    if missing:
+        raise KeyError(f"not in the model's state dict: {', '.join(missing[:5])}")
+    seen: set[int] = set()
+    total = 0
+    for key, t in state.items():
+        if key in quantized:
+            bits, groups, symmetric = quantized[key]
+            total += packed_bytes(t.numel(), bits, groups, symmetric)
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
+    return total
