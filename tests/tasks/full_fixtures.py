@@ -1,7 +1,8 @@
-"""Offline stand-ins for the full language tasks (`gsm8k`, `gsm8k-dllm`, `glue-sst2`, `glue-mnli`), shared by the
-method tests that run end to end on them: fixture files in the real formats, train splits included (pruning
-calibrates on them, distillation trains on them), tiny random models, and the environment variables that point the
-tasks at them. Built from the task tests' own fixture writers (`test_gsm8k`, `test_gsm8k_dllm`, `test_glue`)."""
+"""Offline stand-ins for the full language tasks (`gsm8k`, `gsm8k-dllm`, `glue-sst2`, `glue-mnli`) and the full
+vision-language task (`textvqa`), shared by the method tests that run end to end on them: fixture files in the real
+formats, train splits included (pruning calibrates on them, distillation trains on them), tiny random models, and
+the environment variables that point the tasks at them. Built from the task tests' own fixture writers
+(`test_gsm8k`, `test_gsm8k_dllm`, `test_glue`, `test_textvqa`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import test_glue as glue_fixtures
 import test_gsm8k as gsm8k_fixtures
 import test_gsm8k_dllm as gsm8k_dllm_fixtures
+import test_textvqa as textvqa_fixtures
 
 
 @contextlib.contextmanager
@@ -65,6 +67,22 @@ def full_task_env(root: Path, separate_draft: bool) -> Iterator[Path]:
         mp.setenv(glue.MNLI.reference_env, str(root / "mnli"))
         for spec in (glue.SST2, glue.MNLI):
             mp.delenv(spec.labels_env, raising=False)
+        yield root
+
+
+@contextlib.contextmanager
+def vlm_task_env(root: Path) -> Iterator[Path]:
+    """`textvqa` offline while the context is open: lmms-lab/textvqa-layout parquet files (6 validation questions,
+    two training shards) and a tiny random LLaVA (2-layer CLIP tower, 16 visual tokens an image, 2-layer Llama)
+    saved with its LlavaProcessor, under `root`."""
+    from tasks import textvqa
+
+    textvqa_fixtures.write_textvqa(root / "textvqa")
+    textvqa_fixtures.save_tiny_llava(root / "llava")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(textvqa.DATA_ENV, str(root / "textvqa"))
+        mp.setenv(textvqa.REFERENCE_ENV, str(root / "llava"))
+        mp.delenv(textvqa.OCR_ENV, raising=False)
         yield root
 
 
