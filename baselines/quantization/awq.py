@@ -29,9 +29,10 @@ The authors' weight-clipping search (`auto_clip`, not in the paper's method sect
 
 Why hand-written: `autoawq` is archived (deprecated in 2025) and pins older torch and transformers; `llmcompressor`'s
 AWQModifier pins other torch and transformers versions than this project's (torch 2.14.1, transformers 5.23).
-The weights are fake-quantized (float32 on the int grid): this CPU runtime has no int4 kernel for these
-group-wise codes, so the record says `runtime_low_precision: false`; `serialized_bytes` counts the packed codes,
-scales and zeros (`_oneshot.serialized_bytes`).
+At 4 bits, asymmetric, in groups the CPU's int4 weight-only kernel takes
+(32-256), the codes run on that kernel (`_oneshot.to_int4_kernels`, `runtime_low_precision: true`); otherwise the
+weights are fake-quantized (float32 on the grid, false). `serialized_bytes` counts the packed codes, scales and
+zeros (`_oneshot.serialized_bytes`).
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def search_alpha(weights: list, x, bits: int, group_size: int | None, symmetric:
     return best[1], best[2], losses
 
 
-def quantize_model(model, batches, cfg: AWQConfig) -> tuple[list, list[float]]:
-    """AWQ over every block of `model` in place; returns the quantized Linear layers and each group's alpha."""
+def quantize_model(model, batches, cfg: AWQConfig, params: dict | None = None) -> tuple[list, list[float]]:
+    """AWQ over every block of `model` in place; returns the quantized Linear layers and each group's alpha.
+    `params`, if given, receives each layer's grid: id(layer) -> (scale, zero), [rows * groups, 1] each."""
     import torch
 
     from baselines.pruning import _calib
@@ -133,6 +135,9 @@ def quantize_model(model, batches, cfg: AWQConfig) -> tuple[list, list[float]]:
     layers = _calib.all_block_linears(model)
     with torch.no_grad():
         for lin in layers:
+            if params is not None:
+                params[id(lin)] = _quant.group_params(lin.weight.reshape(-1, cfg.group_size or lin.in_features),
+                                                      cfg.bits, cfg.symmetric)
             lin.weight.copy_(_quant.fake_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric))
     return layers, alphas
 
@@ -151,9 +156,10 @@ class AWQ(Method):
 
         cfg = self.config
         alphas: list[float] = []
+        params: dict = {}
 
         def quantize(hf, batches):
-            layers, found = quantize_model(hf, batches, cfg)
+            layers, found = quantize_model(hf, batches, cfg, params)
             alphas.extend(found)
             return layers
 
@@ -161,4 +167,5 @@ class AWQ(Method):
             return {"scaled_groups": len(alphas), "mean_alpha": sum(alphas) / max(1, len(alphas))}
 
         return _oneshot.one_shot(subject, task, ctx, cfg, quantize,
-                                 ", activation scales searched and folded block by block", stats=stats)
+                                 ", activation scales searched and folded block by block", stats=stats,
+                                 params=params)

@@ -30,9 +30,10 @@ as in the authors' reference code. The grid (asymmetric min-max by default, or s
 
 Why hand-written: `auto-gptq` is archived and needs CUDA extensions, `gptqmodel` and `llmcompressor` pin other
 torch and transformers versions than this project's (torch 2.14.1, transformers 5.23), and `optimum`'s GPTQ
-path wraps `gptqmodel`. The weights are fake-quantized (kept in float32 on the integer grid): this CPU runtime has
-no int4 matrix-multiply kernel that takes these group-wise codes, so the record says `runtime_low_precision:
-false`; `serialized_bytes` is the size of the packed codes, the per-group scales and zeros and the float rest.
+path wraps `gptqmodel`. At 4 bits, asymmetric, in groups the CPU's int4 kernel takes (32-256)
+and without act-order (whose permuted groups it cannot index), the codes run on that kernel
+(`_oneshot.to_int4_kernels`, `runtime_low_precision: true`); otherwise the weights are fake-quantized (float32 on
+the grid, false). `serialized_bytes` is the size of the packed codes, the per-group scales and zeros and the rest.
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ class GPTQConfig:
 
 
 def gptq_quantize(weight, hessian, bits: int = 4, group_size: int | None = 64, symmetric: bool = False,
-                  act_order: bool = False, block_size: int = 128, dampening: float = 0.01):
+                  act_order: bool = False, block_size: int = 128, dampening: float = 0.01, grids: list | None = None):
     """The quantized (and dequantized) weight [out, in] in float32 from the layer's H = 2 X X^T [in, in];
-    `group_size` None is one group per output row."""
+    `group_size` None is one group per output row. `grids`, if given, receives each group's (scale, zero)
+    (rows x 1 each) in processing order."""
     import torch
 
     from baselines import _hessian
@@ -97,6 +99,8 @@ def gptq_quantize(weight, hessian, bits: int = 4, group_size: int | None = 64, s
         for j in range(b1 - b0):
             if (b0 + j) % gs == 0:  # the group starts: its grid from the weights as updated so far
                 scale, zero = _quant.group_params(W1[:, j:j + gs], bits, symmetric)
+                if grids is not None:
+                    grids.append((scale, zero))
             w = W1[:, j:j + 1]
             q = _quant.dequantize(_quant.quantize(w, scale, zero, bits), scale, zero).flatten()
             err = (w.flatten() - q) / U1[j, j]
@@ -109,12 +113,22 @@ def gptq_quantize(weight, hessian, bits: int = 4, group_size: int | None = 64, s
     return Q
 
 
-def quantize_model(model, batches, cfg: GPTQConfig) -> list:
-    """GPTQ over every block of `model` in place; returns the quantized Linear layers."""
+def quantize_model(model, batches, cfg: GPTQConfig, params: dict | None = None) -> list:
+    """GPTQ over every block of `model` in place; returns the quantized Linear layers. `params`, if given and
+    without act-order, receives each layer's grid: id(layer) -> (scale, zero), [rows * groups, 1] each."""
+    import torch
+
     from baselines import _hessian
 
-    return _hessian.layer_by_layer(model, batches, lambda name, lin, hess: gptq_quantize(
-        lin.weight, hess, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_order, cfg.block_size, cfg.dampening))
+    def treat(name, lin, hess):
+        grids = [] if params is not None and not cfg.act_order else None
+        q = gptq_quantize(lin.weight, hess, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_order,
+                          cfg.block_size, cfg.dampening, grids)
+        if grids is not None:
+            params[id(lin)] = tuple(torch.cat([g[k] for g in grids], dim=1).reshape(-1, 1) for k in (0, 1))
+        return q
+
+    return _hessian.layer_by_layer(model, batches, treat)
 
 
 @register_method("gptq", family="quantization", paper="Frantar et al., GPTQ: Accurate Post-Training Quantization "
@@ -131,6 +145,8 @@ class GPTQ(Method):
 
         cfg = self.config
         g_idx = cfg.act_order and cfg.group_size is not None  # the group of each input column, int32
-        return _oneshot.one_shot(subject, task, ctx, cfg, lambda hf, batches: quantize_model(hf, batches, cfg),
+        params: dict = {}
+        return _oneshot.one_shot(subject, task, ctx, cfg, lambda hf, batches: quantize_model(hf, batches, cfg, params),
                                  ", Hessians and OBQ updates block by block",
-                                 extra_bytes=lambda layers: sum(4 * lin.in_features for lin in layers) if g_idx else 0)
+                                 extra_bytes=lambda layers: sum(4 * lin.in_features for lin in layers) if g_idx else 0,
+                                 params=params)

@@ -4,6 +4,7 @@ grid, the Llama quantized block by block with the record's quantization block, a
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from bench.registry import create_method
 
 sys.path.insert(0, str(Path(__file__).parent))  # quant_fixtures, under --import-mode=importlib
 
-from quant_fixtures import arith, calibration_layer, ctx, layer_error, llama_subject, one_thread, prompt_ids  # noqa: E402,F401
+from quant_fixtures import (arith, calibration_layer, ctx, layer_error, llama_subject,  # noqa: E402,F401
+                            one_thread, prompt_ids)
 
 
 def distinct_per_group(w: torch.Tensor, group_size: int) -> int:
@@ -103,6 +105,28 @@ def test_act_order_counts_the_group_index_of_every_column(llama_subject, arith, 
     assert ordered.quantization["serialized_bytes"] - plain.quantization["serialized_bytes"] == 4 * cols
 
 
+def test_four_bits_in_kernel_groups_run_on_the_int4_kernel_as_the_fake_quantized_weights(llama_subject, arith, ctx,
+                                                                                         prompt_ids):
+    from baselines.quantization import _kernels
+
+    out = create_method("gptq", {"group_size": "32", "calibration_samples": "8"}).apply(llama_subject, arith, ctx)
+    _, int4 = _kernels.weight_only_classes()
+    model = out.subject.model
+    layers = [m for m in model.modules() if isinstance(m, int4)]
+    assert out.runtime_low_precision is True and len(layers) == 7 * len(model.model.layers)
+    twin = copy.deepcopy(model)  # the same codes as float Linears
+    for name, m in list(twin.named_modules()):
+        for cname, c in list(m.named_children()):
+            if isinstance(c, int4):
+                lin = torch.nn.Linear(c.in_features, c.out_features, bias=c.bias is not None)
+                lin.weight.data = c.dequantized()
+                setattr(m, cname, lin)
+    with torch.no_grad():
+        a, b = model(prompt_ids).logits, twin(prompt_ids).logits
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert out.stats()["int4_kernel_calls"] >= len(layers) and out.stats()["int4_kernel_layers"] == len(layers)
+
+
 @pytest.mark.parametrize("bad,word", [({"bits": "5"}, "2, 3, 4, 8"), ({"dampening": "0"}, "dampening"),
                                       ({"group_size": "0"}, "group_size"), ({"block_size": "0"}, "block_size")])
 def test_bad_settings_name_the_valid_ones(bad, word):
@@ -116,7 +140,7 @@ def test_smoke_run_on_arith(results_root):
 
     r = run("arith", "gptq", budget="smoke", results_root=results_root).result
     assert r.status == "ok" and r.method.family == "quantization"
-    assert r.size.runtime_low_precision is False
+    assert r.size.runtime_low_precision is True and r.method_stats["int4_kernel_calls"] > 0  # 4-bit g64
     q = r.size.quantization
     assert q.weight_bits == 4 and q.group_size == 64 and q.serialized_bytes == r.size.method.bytes
     assert r.size.method.bytes < r.size.reference.bytes / 2
