@@ -362,7 +362,8 @@ def _measure(task, method, ref_w, ctx: RunContext, processes: int = 1, spec=None
 
 def model_size(model, quantization: dict | None = None) -> SizeOf:
     """The size block of one arm's model. Weights packed inside torch's quantized modules (`torch.ao` dynamic
-    int8 Linear: no Parameters, an opaque packed object in the state dict) are counted from their `weight()`.
+    int8 Linear: no Parameters, an opaque packed object in the state dict) are counted from their `weight()`; a
+    layer with integer `codes` and a `dequantized()` weight has its non-zeros counted on the dequantized weight.
     A quantization method's bytes are its `serialized_bytes` (the packed size of what it would store), not the
     state dict of the model it times: that holds dequantized floats (fake quantization) or torch's packed
     objects, which safetensors cannot write."""
@@ -372,7 +373,11 @@ def model_size(model, quantization: dict | None = None) -> SizeOf:
 
     total, nonzero = count_parameters(model)
     for m in model.modules():
-        if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):
+        if callable(getattr(m, "dequantized", None)) and isinstance(getattr(m, "codes", None), torch.Tensor):
+            # a layer holding integer codes (baselines.quantization._kernels): a code of 0 is not a zero weight
+            # (asymmetric grids), so its non-zeros are the dequantized weight's
+            nonzero += int(torch.count_nonzero(m.dequantized()).item()) - int(torch.count_nonzero(m.codes).item())
+        elif hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):
             w = m.weight()
             w = w.dequantize() if w.is_quantized else w
             total, nonzero = total + w.numel(), nonzero + int(torch.count_nonzero(w).item())

@@ -117,6 +117,10 @@ def _module():
                 self._packed = torch.ops.quantized.linear_prepack(w, bias)
             return self._packed
 
+        @property
+        def codes(self) -> torch.Tensor:
+            return self.weight_int8
+
         def dequantized(self) -> torch.Tensor:
             """The float weight the codes stand for: W_q * s_w."""
             return self.weight_int8.float() * self.scales[:, None]
@@ -143,6 +147,10 @@ def _module():
             self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().float().clone(),
                                                                     requires_grad=False)
             self.calls = 0
+
+        @property
+        def codes(self) -> torch.Tensor:
+            return self.weight_int8
 
         def dequantized(self) -> torch.Tensor:
             return self.weight_int8.float() * self.scales[:, None]
@@ -180,6 +188,10 @@ def _module():
         def _load_from_state_dict(self, *args, **kwargs):
             self._packed = None
             return super()._load_from_state_dict(*args, **kwargs)
+
+        @property
+        def codes(self) -> torch.Tensor:
+            return self.weight_int4
 
         def dequantized(self) -> torch.Tensor:
             s, m = self.scales_and_offsets[..., 0].T, self.scales_and_offsets[..., 1].T  # out x g
