@@ -23,7 +23,8 @@ from bench.store import InvalidResult, iter_result_files, load_result
 BEGIN = "<!-- bench:results:begin -->"
 END = "<!-- bench:results:end -->"
 FAMILY_ORDER = ("distillation", "caching", "pruning", "decoding", "quantization", "none")  # bench.registry.FAMILIES
-METRIC_LABEL = {"top1_accuracy": "top-1", "exact_match": "exact match", "accuracy": "accuracy", "fid": "FID"}
+METRIC_LABEL = {"top1_accuracy": "top-1", "exact_match": "exact match", "accuracy": "accuracy", "fid": "FID",
+                "vqa_accuracy": "VQA accuracy"}
 
 
 class MarkerError(ValueError):

@@ -48,7 +48,7 @@ def test_every_task_of_a_kind_offers_the_same_capabilities():
     on one runs on the other through the same path."""
     caps = {s.name: {c for c in api.CAPABILITIES if api.offers(s.cls, c)} for s in TASKS}
     pairs = [("arith", "gsm8k"), ("arith-nli", "glue-sst2"), ("arith-nli", "glue-mnli"), ("digits", "cifar10"),
-             ("arith-dllm", "gsm8k-dllm")]
+             ("arith-dllm", "gsm8k-dllm"), ("digits-vlm", "textvqa")]
     for a, b in pairs:
         if a in caps and b in caps:
             assert caps[a] == caps[b], (a, sorted(c.__name__ for c in caps[a]), b, sorted(c.__name__ for c in caps[b]))

@@ -210,6 +210,7 @@ def test_cache_dir_names_the_variable(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method, task, variables", [
     ("speculative", "gsm8k", ("BENCH_GSM8K_DATA", "BENCH_GSM8K_REFERENCE", "BENCH_GSM8K_DRAFT")),
     ("dllm-steps", "gsm8k-dllm", ("BENCH_GSM8K_DATA", "BENCH_GSM8K_DLLM_REFERENCE")),
+    ("vtw", "textvqa", ("BENCH_TEXTVQA_DATA", "BENCH_TEXTVQA_REFERENCE")),
     ("lcm", "coco", ("BENCH_COCO_REFERENCE", "BENCH_COCO_DATA", "BENCH_COCO_CLIP", "BENCH_FID_WEIGHTS")),
     ("none", "glue-sst2", ("BENCH_GLUE_DATA", "BENCH_GLUE_SST2_REFERENCE")),
     ("none", "imagenet-fid", ("BENCH_IMAGENET_FID_REFERENCE", "BENCH_IMAGENET_FID_STATS", "BENCH_IMAGENET_VAL")),

@@ -2,8 +2,8 @@
 
     pytest -m gpu tests/tasks/test_gpu_smoke.py            (BENCH_SMOKE_PROFILE=<profile> to choose one)
 
-Every full task (gsm8k, gsm8k-dllm, glue-sst2, glue-mnli, cifar10, imagenet-fid, coco) runs at `--budget smoke`
-through the runner, on tiny local models and data files written here by the task tests' own fixture writers (nothing is
+Every full task (gsm8k, gsm8k-dllm, glue-sst2, glue-mnli, cifar10, imagenet-fid, coco, textvqa) runs at
+`--budget smoke` through the runner, on tiny local models and data files written here by the task tests' own fixture writers (nothing is
 downloaded), under the GPU profile that matches the machine: devices, dtypes, per-image generators, the timing's
 synchronisation, the per-arm memory counter, MACs and the record are all exercised on CUDA in minutes. Each pairs
 the task with a method that uses its device path (speculative decoding's draft, a trained student, a feature
@@ -22,7 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # for the fixture writers, under --import-mode=importlib too
 
 PAIRS = [("gsm8k", "speculative"), ("glue-sst2", "none"), ("glue-mnli", "none"), ("cifar10", "kd"),
-         ("imagenet-fid", "taylorseer"), ("coco", "deepcache"), ("gsm8k-dllm", "dllm-steps")]
+         ("imagenet-fid", "taylorseer"), ("coco", "deepcache"), ("gsm8k-dllm", "dllm-steps"),
+         ("textvqa", "fastv")]
 
 
 def gpu_profile() -> str:
@@ -47,7 +48,7 @@ def full_tasks(tmp_path_factory):
     """Write every full task's fixture files once and point the tasks at them while the module runs."""
     import torch
 
-    from full_fixtures import cifar10_fixtures, full_task_env
+    from full_fixtures import cifar10_fixtures, full_task_env, vlm_task_env
     from latent_fixtures import (EXTRACTOR, STEPS, register_extractor, save_tiny_clip, save_tiny_dit, save_tiny_sd,
                                  write_coco)
     from tasks import coco, imagenet_fid
@@ -61,7 +62,8 @@ def full_tasks(tmp_path_factory):
     np.savez(root / "ref.npz", mu=x.mean(0), sigma=np.cov(x, rowvar=False))
     cifar = cifar10_fixtures().write_cifar10(root / "cifar")
     (root / "lm").mkdir()
-    with full_task_env(root / "lm", separate_draft=True), pytest.MonkeyPatch.context() as mp:
+    with full_task_env(root / "lm", separate_draft=True), vlm_task_env(root / "vlm"), \
+            pytest.MonkeyPatch.context() as mp:
         mp.setenv("BENCH_DATA", str(cifar.root))
         mp.setenv("BENCH_CIFAR10_VERIFY", "0")
         mp.delenv("BENCH_CIFAR10_REFERENCE", raising=False)
