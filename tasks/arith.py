@@ -36,6 +36,7 @@ from bench.api import Draft, ShiftedPrompts, Student, Tokenizer, TrainingRows
 from bench.registry import register_task
 from tasks import arith_data
 from tasks.base import ARTIFACTS, Evaluation, ReferenceWeights, RunContext, Subject, Task
+from tasks._kit import answers
 from tasks._kit.lm import LMArch, LMRecipe
 
 if TYPE_CHECKING:
@@ -251,8 +252,6 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPrompts):
         return folder
 
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
-        import numpy as np
-
         from tasks._kit import lm_harness
 
         limit = ctx.budget.pick(EVAL_SIZE, SMOKE_EVAL_SIZE)
@@ -260,17 +259,12 @@ class Arith(Task, TrainingRows, Draft, Student, Tokenizer, ShiftedPrompts):
         self.last_harness = r
         ctx.progress.log(f"lm-eval exact match ({lm_harness.FILTER}) {r.value:.4f} ± {r.stderr:.4f} "
                          f"(lm-eval's stderr), n = {len(r.per_example)}")
-        outputs = np.full((len(r.generated), lm_harness.MAX_GEN_TOKS), -1, dtype=np.int64)
-        for i, ids in enumerate(r.generated):
-            outputs[i, :len(ids)] = ids
+        outputs = answers.padded(r.generated, lm_harness.MAX_GEN_TOKS)
         assert abs(r.per_example.mean() - r.value) < 1e-9, (r.per_example.mean(), r.value)
         return Evaluation(r.value, r.per_example, outputs, contexts=r.context_ids)
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
-        import numpy as np
-
-        same = (np.asarray(reference.outputs) == np.asarray(method.outputs)).all(axis=1)
-        return "identical_answer_tokens", float(same.mean())
+        return answers.identical_answer_tokens(reference, method)
 
     def workload_prompts(self, ctx: RunContext) -> list[str]:
         from tasks._kit import lm

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable
 from bench.api import TrainingRows, Tokenizer
 from bench.registry import register_task
 from tasks.base import ARTIFACTS, Evaluation, RunContext, Subject, Task
+from tasks._kit import answers
 from tasks._kit.lm import LMArch, LMRecipe
 
 if TYPE_CHECKING:
@@ -175,8 +176,6 @@ class ArithDLLM(Task, TrainingRows, Tokenizer):
 
     # ---- measurement ----------------------------------------------------------------------------------------
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
-        import numpy as np
-
         from tasks._kit import lm_harness
 
         limit = ctx.budget.pick(EVAL_SIZE, SMOKE_EVAL_SIZE)
@@ -184,16 +183,11 @@ class ArithDLLM(Task, TrainingRows, Tokenizer):
         self.last_harness = r
         ctx.progress.log(f"lm-eval exact match ({lm_harness.FILTER}) {r.value:.4f} ± {r.stderr:.4f}, "
                          f"n = {len(r.per_example)}")
-        outputs = np.full((len(r.generated), lm_harness.MAX_GEN_TOKS), -1, dtype=np.int64)
-        for i, ids in enumerate(r.generated):
-            outputs[i, :len(ids)] = ids
+        outputs = answers.padded(r.generated, lm_harness.MAX_GEN_TOKS)
         return Evaluation(r.value, r.per_example, outputs, contexts=r.context_ids)
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
-        import numpy as np
-
-        same = (np.asarray(reference.outputs) == np.asarray(method.outputs)).all(axis=1)
-        return "identical_answer_tokens", float(same.mean())
+        return answers.identical_answer_tokens(reference, method)
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
         from tasks._kit import dllm, lm, lm_harness

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Callable
 
 from bench.registry import register_task
 from tasks.base import ARTIFACTS, Evaluation, RunContext, Subject, Task
+from tasks._kit import answers
 from tasks._kit.lm import LMArch, LMRecipe
 from tasks._kit.vlm import answer_ids  # noqa: F401  (tasks.digits_vlm.answer_ids: shared with textvqa)
 
@@ -379,27 +380,24 @@ class DigitsVLM(Task):
 
         tok = subject.extra["tokenizer"]
         n = ctx.budget.pick(EVAL_SIZE, SMOKE_EVAL_SIZE)
-        outputs = np.full((n, MAX_NEW_TOKENS), -1, dtype=np.int64)
+        rows: list[list[int]] = []  # answer tokens, padded into the evaluation's outputs
         scores = np.zeros(n)
         with torch.inference_mode():
             for i, q in enumerate(self.test[:n]):
                 ids, pix = self.inputs(q, "test", ctx.device, ctx.torch_dtype)
                 out = answer_ids(subject, ids, pix, MAX_NEW_TOKENS)[0, ids.shape[1]:].tolist()
                 out = subject.extra["stop"].cut(out)
-                outputs[i, :len(out)] = out
+                rows.append(out)
                 text = tok.decode([t for t in out if t not in subject.extra["stop"].eos_ids]).strip()
                 scores[i] = float(text == q["answer"])
         ctx.progress.log(f"digits-vlm exact match {scores.mean():.4f}, n = {n}")
         # no `contexts`: bench.divergence re-runs a causal LM on token ids alone, and these answers need their images
-        return Evaluation(float(scores.mean()), scores, outputs, metrics={
+        return Evaluation(float(scores.mean()), scores, answers.padded(rows, MAX_NEW_TOKENS), metrics={
             f"exact_match_{k}": float(np.mean([s for s, q in zip(scores, self.test) if q["kind"] == k]))
             for k, _, _ in KINDS if any(q["kind"] == k for q in self.test[:n])})
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
-        import numpy as np
-
-        same = (np.asarray(reference.outputs) == np.asarray(method.outputs)).all(axis=1)
-        return "identical_answer_tokens", float(same.mean())
+        return answers.identical_answer_tokens(reference, method)
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
         import torch

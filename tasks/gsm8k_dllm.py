@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Callable
 from bench.api import TrainingRows, Tokenizer
 from bench.registry import register_task
 from tasks import gsm8k
-from tasks._kit import pretrained
+from tasks._kit import answers, pretrained
 from tasks._kit.pretrained import Pretrained
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
 from tasks.gsm8k import GSM8K, GSM8KDataNotFound
@@ -291,8 +291,6 @@ class GSM8KDLLM(Pretrained, Task, TrainingRows, Tokenizer):
 
     # ---- measurement --------------------------------------------------------------------------------------
     def evaluate(self, subject: Subject, ctx: RunContext) -> Evaluation:
-        import numpy as np
-
         from tasks._kit import lm_harness
 
         r = lm_harness.evaluate(subject, None, gsm8k.LM_EVAL_TASK, limit=self.eval_limit(ctx), config=self.config,
@@ -301,16 +299,11 @@ class GSM8KDLLM(Pretrained, Task, TrainingRows, Tokenizer):
         flexible = r.raw.get("exact_match,flexible-extract", float("nan"))
         ctx.progress.log(f"lm-eval gsm8k exact match ({lm_harness.FILTER}) {r.value:.4f} ± {r.stderr:.4f}, "
                          f"flexible-extract {flexible:.4f}, n = {len(r.per_example)}")
-        outputs = np.full((len(r.generated), gsm8k.MAX_GEN_TOKS), -1, dtype=np.int64)
-        for i, ids in enumerate(r.generated):
-            outputs[i, :len(ids)] = ids
+        outputs = answers.padded(r.generated, gsm8k.MAX_GEN_TOKS)
         return Evaluation(r.value, r.per_example, outputs, contexts=r.context_ids)
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
-        import numpy as np
-
-        same = (np.asarray(reference.outputs) == np.asarray(method.outputs)).all(axis=1)
-        return "identical_answer_tokens", float(same.mean())
+        return answers.identical_answer_tokens(reference, method)
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
         from tasks._kit import dllm

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from bench.registry import register_task
-from tasks._kit import pretrained
+from tasks._kit import answers, pretrained
 from tasks._kit.pretrained import Pretrained
 from tasks._kit.vlm import answer_ids, vqa_accuracy
 from tasks.base import Evaluation, ReferenceWeights, RunContext, Subject, Task
@@ -299,27 +299,25 @@ class TextVQA(Pretrained, Task):
 
         tok, rule = subject.extra["tokenizer"], subject.extra["stop"]
         n, new = self.eval_size(ctx), ctx.budget.pick(MAX_NEW_TOKENS, SMOKE_NEW_TOKENS)
-        outputs = np.full((n, new), -1, dtype=np.int64)
+        rows: list[list[int]] = []  # answer tokens, padded into the evaluation's outputs
         scores, exact = np.zeros(n), np.zeros(n)
         with torch.inference_mode(), ctx.progress.step("Answering TextVQA validation questions", total=n) as advance:
             for i in range(n):
                 row = self.val[i]
                 ids, pix = self.inputs(row, ctx.device, ctx.torch_dtype)
                 out = rule.cut(answer_ids(subject, ids, pix, new)[0, ids.shape[1]:].tolist())
-                outputs[i, :len(out)] = out
+                rows.append(out)
                 text = tok.decode([t for t in out if t not in rule.eos_ids], skip_special_tokens=True).strip()
                 scores[i] = vqa_accuracy(text, list(row["answers"]))
                 exact[i] = float(scores[i] == 1.0)
                 advance(1)
         ctx.progress.log(f"textvqa VQA accuracy {scores.mean():.4f}, n = {n}")
         # no `contexts`: bench.divergence re-runs a causal LM on token ids alone, and these answers need their images
-        return Evaluation(float(scores.mean()), scores, outputs, metrics={"full_credit": float(exact.mean())})
+        return Evaluation(float(scores.mean()), scores, answers.padded(rows, new),
+                          metrics={"full_credit": float(exact.mean())})
 
     def fidelity(self, reference: Evaluation, method: Evaluation) -> tuple[str, float]:
-        import numpy as np
-
-        same = (np.asarray(reference.outputs) == np.asarray(method.outputs)).all(axis=1)
-        return "identical_answer_tokens", float(same.mean())
+        return answers.identical_answer_tokens(reference, method)
 
     def workload(self, subject: Subject, ctx: RunContext) -> tuple[Callable[[], object], int, str]:
         import torch
