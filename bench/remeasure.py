@@ -46,7 +46,6 @@ def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | N
     `RemeasureRefused` when the record cannot be re-timed as it stands (nothing is written then)."""
     from bench.hardware import detect_machine, match_profile
     from bench.profiles import load_profile
-    from bench.measure import count_parameters, serialized_bytes
     from bench.progress import Reporter
     from bench.provenance import git_state, package_versions
     from bench.registry import RegistryError
@@ -74,8 +73,10 @@ def remeasure(path: Path, processes: int = 1, reporter=None, argv: list[str] | N
         problems.append(f"reference weights: record {record.task.reference_sha256[:12]}, here {p.ref_sha256[:12]}")
     if p.task.data_fingerprint() != record.task.data_fingerprint:
         problems.append("the task's data differs from the record's (data fingerprint)")
-    total, nonzero = count_parameters(p.applied.subject.model)
-    here = (total, nonzero, serialized_bytes(p.applied.subject.model))
+    from bench.runner import model_size
+
+    size = model_size(p.applied.subject.model, p.applied.quantization)  # as the runner sized it (packed bytes)
+    here = (size.parameters, size.nonzero_parameters, size.bytes)
     want = (record.size.method.parameters, record.size.method.nonzero_parameters, record.size.method.bytes)
     if here != want:
         problems.append(f"the method's model here has (parameters, non-zeros, bytes) {here}, the record {want}")
