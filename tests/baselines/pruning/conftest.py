@@ -16,7 +16,7 @@ from tasks.base import RunContext
 
 sys.path.insert(0, str(Path(__file__).parent))  # for pruning_models, under --import-mode=importlib too
 
-from pruning_models import small_arith_nli, tiny_bert_pair_classifier, tiny_llama  # noqa: E402
+from pruning_models import small_arith_nli, tiny_bert_pair_classifier, tiny_llama, vlm_context  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,7 +79,3 @@ def vlm_subject(digits_vlm):
     model = digits_vlm.build_reference()
     model.load_state_dict(digits_vlm.reference_weights(ctx).state)
     return digits_vlm.prepare(model, ctx)
-
-
-def vlm_context() -> RunContext:
-    return RunContext.for_profile(load_profile("cpu"), "vision-language", 0, Reporter(), "smoke")

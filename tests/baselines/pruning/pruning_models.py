@@ -58,3 +58,12 @@ def small_arith_nli():
     task = SmallArithNLI()
     task.load()
     return task
+
+
+def vlm_context():
+    """The cpu profile's vision-language context at smoke budget (digits-vlm's tests and the methods applied)."""
+    from bench.profiles import load_profile
+    from bench.progress import Reporter
+    from tasks.base import RunContext
+
+    return RunContext.for_profile(load_profile("cpu"), "vision-language", 0, Reporter(), "smoke")

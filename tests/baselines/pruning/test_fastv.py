@@ -12,7 +12,7 @@ from bench.config import ConfigError
 
 def applied(subject, task, **config):
     from baselines.pruning.fastv import FastV, FastVConfig
-    from conftest import vlm_context
+    from pruning_models import vlm_context
 
     return FastV(FastVConfig(**config)).apply(subject, task, vlm_context())
 

@@ -19,7 +19,7 @@ def answers(subject, task, n=QUESTIONS):
 
 def applied(subject, task, **config):
     from baselines.pruning.vtw import VTW, VTWConfig
-    from conftest import vlm_context
+    from pruning_models import vlm_context
 
     return VTW(VTWConfig(**config)).apply(subject, task, vlm_context())
 
