@@ -23,7 +23,7 @@ def test_list_methods_groups_by_family_with_paper_and_year():
     lines = [line for line in r.output.splitlines() if "│" in line]
     families = [line.split("│")[1].strip() for line in lines]
     order = [f for f in families if f]
-    assert order == sorted(order, key=["distillation", "caching", "pruning", "decoding", "none"].index)
+    assert order == sorted(order, key=["distillation", "caching", "pruning", "decoding", "quantization", "none"].index)
     assert "Hinton" in r.output and "2015" in r.output
 
 
